@@ -1,0 +1,13 @@
+"""fot-kernels: fused kNN memory attention for Focused Transformer / LongLLaMA models."""
+
+from ._version import __version__
+from .ops import BackendUnavailableError, knn_attention, knn_topk, memory_attention, merge_attention
+
+__all__ = [
+    "BackendUnavailableError",
+    "__version__",
+    "knn_attention",
+    "knn_topk",
+    "memory_attention",
+    "merge_attention",
+]

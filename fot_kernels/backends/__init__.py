@@ -1,0 +1,46 @@
+"""Backends: each module offers the same functions with the same signatures, so that dispatch in
+``fot_kernels.ops`` is a table lookup and a new backend is one new module.
+
+Every backend module defines::
+
+    NAME: str
+    unsupported_reasons(op, query, mem_keys, *, key=None, value=None, mem_values=None, topk=None) -> list[str]
+    knn_topk(query, mem_keys, k, *, mem_lengths, mem_mask) -> (scores, indices)
+    memory_attention(query, key, value, mem_keys, mem_values, *, topk, causal, softmax_scale,
+                     mem_lengths, mem_mask) -> (out, lse)
+
+``op`` is "knn_topk" or "memory_attention"; an empty list means the backend can serve the inputs.
+``key``/``value`` may be None in ``memory_attention``: no local part (``knn_attention``).
+Inputs arrive validated and normalised by ``fot_kernels._validate``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+#: every backend name, in the order ``python -m fot_kernels`` lists them
+NAMES = ("reference", "cpu", "triton", "cuda")
+
+_MODULES = {
+    "reference": "fot_kernels.backends.reference",
+    "cpu": "fot_kernels.backends.cpu",
+    "triton": "fot_kernels.backends.triton",
+    "cuda": "fot_kernels.backends.cuda",
+}
+
+
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """Backends tried by ``backend="auto"``, fastest first. The reference is never picked
+    automatically (it materialises Lq x M), nor is the Triton interpreter on the CPU."""
+    if device_type == "cpu":
+        return ("cpu",)
+    return ("cuda", "triton", "cpu")
+
+
+def load(name: str) -> tuple[ModuleType | None, str | None]:
+    """Import a backend module lazily: (module, None), or (None, why it cannot be imported)."""
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as exc:  # e.g. triton not installed
+        return None, f"cannot import {_MODULES[name]}: {exc}"

@@ -1,0 +1,55 @@
+"""Shared test set-up: seeds, the Triton interpreter switch, NaN-poisoned allocations, and the
+choice of CPU kernels (C++ extension or the PyTorch block-streaming fallback)."""
+
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on the CPU through the interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty / empty_like / new_empty return NaN-filled (float) or -7777 (int) tensors,
+    so that an element a kernel forgets to write fails the comparison."""
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7777)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(real_new_empty(self, *a, **k)))
+
+
+@pytest.fixture(params=["ext", "torch"])
+def cpu_kernels(request, monkeypatch):
+    """Run a cpu-backend test with the C++ kernels and with the PyTorch fallback kernels.
+
+    Without a compiler the "ext" case is skipped, unless FOT_KERNELS_REQUIRE_CPU_EXT=1 (set by CI),
+    where a failed build fails the test instead of hiding behind the fallback."""
+    from fot_kernels.backends import _cpu_ext
+
+    if request.param == "ext":
+        if not _cpu_ext.load():
+            msg = f"C++ CPU extension unavailable: {_cpu_ext.unavailable_reason()}"
+            if os.environ.get("FOT_KERNELS_REQUIRE_CPU_EXT") == "1":
+                pytest.fail(msg)
+            pytest.skip(msg)
+    else:
+        monkeypatch.setattr(_cpu_ext, "load", lambda: False)
+    return request.param
