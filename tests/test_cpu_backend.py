@@ -162,14 +162,19 @@ def test_merge_attention_recovers_joint_softmax():
 
 
 @pytest.mark.parametrize("topk", [None, 32])
-def test_peak_memory_does_not_grow_with_lq_times_m(topk, cpu_kernels):
-    # Lq x M scores in fp32 would be 256 MiB; the streaming backend must stay far below it.
+@pytest.mark.parametrize("mem_dtype", [torch.float32, torch.bfloat16])
+def test_peak_memory_does_not_grow_with_lq_times_m(topk, mem_dtype, cpu_kernels):
+    # Lq x M scores in fp32 would be 256 MiB, an fp32 copy of bf16 memory 64 MiB: the streaming
+    # backend must stay far below both.
     if cpu_kernels == "torch" and topk is not None:
         pytest.skip("the PyTorch fallback's kNN merge sorts every block: covered by the ext case and smaller tests")
-    case = make_case(1, 1, 1, 256, 64, 262_144, 32)
+    case = make_case(1, 1, 1, 256, 64, 262_144, 32, mem_dtype=mem_dtype)
     _, peak = peak_memory(lambda: fk.memory_attention(case.query, case.key, case.value, case.mem_keys,
                                                       case.mem_values, topk=topk, backend="cpu"))  # fmt: skip
     if peak < 0:
         pytest.skip("no /proc/self/clear_refs on this system")
     lq_times_m = 256 * 262_144 * 4
     assert peak < lq_times_m / 10, f"peak extra memory {peak / 2**20:.1f} MiB"
+    if mem_dtype != torch.float32:
+        upcast_keys = case.mem_keys.numel() * 4
+        assert peak < upcast_keys / 4, f"peak extra memory {peak / 2**20:.1f} MiB: an upcast copy of the memory?"

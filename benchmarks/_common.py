@@ -1,0 +1,270 @@
+"""Pieces shared by the benchmark scripts: timing, machine/version info, the CSV schema, tables
+and plots. Nothing here knows about a particular op.
+
+Timing (:func:`measure`): ``warmup`` untimed calls (the first one is wrapped in
+:func:`fot_kernels.testing.peak_memory` and its result is returned for correctness checks; a first
+call longer than ``long_call_s`` counts as a sample instead), then timed calls with
+``time.perf_counter`` until ``repeats`` samples or, once ``min_repeats`` samples exist, until
+``budget_s`` seconds of timed calls have passed. A timed function receives a ``lap``
+callable and may call ``lap(name)`` to record the time since the start of the call under ``name``
+(e.g. faiss search alone, then search + attention, from the same run). Reported statistics are
+the median and the 20th/80th percentiles of the samples.
+
+CSV schema (Liger-Kernel's, one row per measurement and metric; see :data:`CSV_FIELDS`):
+kernel, provider, mode, metric, unit, x_name, x_value, median, p20, p80, samples, check, config
+(JSON of the shape), device, timestamp, version (fot_kernels), git_commit, torch_version,
+numpy_version, faiss_version, threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CSV_FIELDS = (
+    "kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "median", "p20", "p80",
+    "samples", "check", "config", "device", "timestamp", "version", "git_commit", "torch_version",
+    "numpy_version", "faiss_version", "threads",
+)  # fmt: skip
+
+TOTAL = "total"  # lap name of a whole call
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Median and 20th/80th percentiles of a list of samples (seconds for times)."""
+
+    median: float
+    p20: float
+    p80: float
+    samples: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Stats:
+        p20, median, p80 = np.percentile(np.asarray(samples, dtype=float), [20, 50, 80])
+        return cls(float(median), float(p20), float(p80), len(samples))
+
+
+@dataclass
+class Measurement:
+    """Result of the first (warm-up) call, its peak extra memory, and the statistics per lap."""
+
+    result: object
+    peak_bytes: int
+    laps: dict[str, Stats] = field(default_factory=dict)
+
+
+def _timed_call(fn: Callable[[Callable[[str], None]], object]) -> tuple[object, dict[str, float]]:
+    start = time.perf_counter()
+    laps: dict[str, float] = {}
+    result = fn(lambda name: laps.__setitem__(name, time.perf_counter() - start))
+    laps[TOTAL] = time.perf_counter() - start
+    return result, laps
+
+
+def release_free_heap() -> None:
+    """Give free heap pages back to the OS (glibc ``malloc_trim``) so that a following peak-RSS
+    measurement sees small allocations too, instead of their reuse of already-resident pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(
+    fn: Callable[[Callable[[str], None]], object],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    budget_s: float = 10.0,
+    min_repeats: int = 2,
+    long_call_s: float = math.inf,
+) -> Measurement:
+    """Time ``fn(lap)``; see the module docstring. The first call's result and peak extra memory
+    are returned. It is a warm-up call unless ``warmup=0`` or it took at least ``long_call_s``
+    seconds (then its one-off costs are negligible and it counts as the first sample)."""
+    from fot_kernels.testing import peak_memory
+
+    release_free_heap()
+    (result, first_laps), peak = peak_memory(lambda: _timed_call(fn))
+    counts = warmup == 0 or first_laps[TOTAL] >= long_call_s
+    samples: list[dict[str, float]] = [first_laps] if counts else []
+    for _ in range(0 if counts else warmup - 1):
+        _timed_call(fn)
+    spent = sum(s[TOTAL] for s in samples)
+    while len(samples) < repeats and (len(samples) < min_repeats or spent < budget_s):
+        samples.append(_timed_call(fn)[1])
+        spent += samples[-1][TOTAL]
+    laps = {name: Stats.of([s[name] for s in samples]) for name in samples[0]}
+    return Measurement(result=result, peak_bytes=peak, laps=laps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine and versions
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (Linux), else platform's description."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def git_commit(path: str | Path = ".") -> str:
+    """``git rev-parse HEAD`` of the checkout holding ``path`` (+ "-dirty" with local changes)."""
+    try:
+        cwd = str(Path(path).resolve())
+        run = lambda *a: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(threads: str) -> dict[str, str]:
+    """The per-row constant CSV fields: device, timestamp, versions, git commit, threads."""
+    import torch
+
+    import fot_kernels
+
+    try:
+        import faiss
+
+        faiss_version = faiss.__version__
+    except ImportError:
+        faiss_version = "absent"
+    return {
+        "device": f"{cpu_model()} ({os.cpu_count()} logical CPUs)",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "version": fot_kernels.__version__,
+        "git_commit": git_commit(Path(__file__).parent),
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "faiss_version": faiss_version,
+        "threads": threads,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: CSV rows, tables, plots
+# ----------------------------------------------------------------------------------------------
+
+
+def csv_row(info: dict[str, str], config: dict, **fields: object) -> dict[str, object]:
+    """One CSV row: the measurement's fields + the shape config (JSON) + machine info."""
+    row = {name: "" for name in CSV_FIELDS}
+    row.update(info)
+    row["config"] = json.dumps(config, sort_keys=True)
+    row.update(fields)
+    return row
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain-text table; numbers right-aligned, text left-aligned."""
+    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text.split()[0].rstrip("x%"))
+        return True
+    except (ValueError, IndexError):
+        return False
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None or n < 0 or math.isnan(n):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "-"
+
+
+def plot_panels(
+    panels: dict[str, dict[str, list[tuple[float, float, bool]]]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    ncols: int = 2,
+) -> None:
+    """Log-log line plots, panels in the given order, ``ncols`` per row:
+    ``panels[title][series] = [(x, y, ok), ...]``. A series keeps one colour in every panel; a
+    variant named ``"<series> [<variant>]"`` takes its base series' colour with a dashed line.
+    Points with ok=False (failed correctness check) are overdrawn with red crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = sorted({name.split(" [")[0] for series in panels.values() for name in series})
+    colour = {base: plt.get_cmap("tab10")(i % 10) for i, base in enumerate(bases)}
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 4.2 * nrows), squeeze=False)
+    for ax, (panel, series) in zip(axes.flat, panels.items()):
+        for name, points in sorted(series.items()):
+            points = sorted(points)
+            variant = " [" in name
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, color=colour[name.split(" [")[0]],
+                    marker="s" if variant else "o", linestyle="--" if variant else "-", markersize=4)  # fmt: skip
+            bad = [p for p in points if not p[2]]
+            if bad:
+                ax.plot([p[0] for p in bad], [p[1] for p in bad], "rx", markersize=12, mew=2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,446 @@
+"""Tests of the C++ CPU ops (torch.ops.fot_cpu.*) against straightforward float64 torch code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fot_kernels.backends import _cpu_ext
+
+if not _cpu_ext.load():
+    pytest.skip(f"C++ CPU extension unavailable: {_cpu_ext.unavailable_reason()}", allow_module_level=True)
+
+ops = torch.ops.fot_cpu
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_memory(B, H, M, D, dtype, *, strided=False, gen=None, values=None):
+    """[B, H, M, D] memory with stride(-1) == 1; `strided` makes it a slice of a larger store with
+    permuted batch/head strides (like a preallocated memory store)."""
+    if values is None:
+        values = torch.randn(B, H, M, D, generator=gen)
+    values = values.to(dtype)
+    if not strided:
+        return values.contiguous()
+    store = torch.randn(H, B, M + 9, D + 5, generator=gen).to(dtype)
+    store[:, :, :M, :D] = values.transpose(0, 1)
+    mem = store.transpose(0, 1)[:, :, :M, :D]
+    assert mem.stride(-1) == 1
+    return mem
+
+
+def validity(B, M, mem_lengths, mem_mask):
+    valid = torch.ones(B, M, dtype=torch.bool)
+    if mem_lengths is not None:
+        valid &= torch.arange(M)[None, :] < mem_lengths[:, None]
+    if mem_mask is not None:
+        valid &= mem_mask
+    return valid
+
+
+def ref_scores(query, keys):
+    """float64 scores of the exactly upcast keys, [B, H, N, M]."""
+    return query.double() @ keys.float().double().transpose(-1, -2)
+
+
+def fp32_tol(query, keys):
+    """Elementwise bound on the fp32 accumulation error of <q, k>."""
+    D = query.shape[-1]
+    mag = query.double().abs() @ keys.float().double().abs().transpose(-1, -2)
+    return (4 * D * 2.0**-24 * mag).nan_to_num(0.0, posinf=0.0) + 1e-30
+
+
+def random_mask(B, M, gen, p=0.8):
+    m = torch.rand(B, M + 3, generator=gen) < p
+    return m[:, 1 : M + 1]  # non-contiguous-offset view
+
+
+def check_knn(query, keys, mem_lengths, mem_mask, k, scores, indices, *, exact=False):
+    B, H, N, D = query.shape
+    M = keys.shape[2]
+    assert scores.shape == (B, H, N, k) and indices.shape == (B, H, N, k)
+    assert scores.dtype == torch.float32 and indices.dtype == torch.int64
+    assert not torch.isnan(scores).any(), "NaN in scores (unwritten output?)"
+    assert ((indices >= -1) & (indices < M)).all(), "index out of range (unwritten output?)"
+    ref = ref_scores(query, keys)
+    tol = fp32_tol(query, keys)
+    cand = validity(B, M, mem_lengths, mem_mask)[:, None, None, :] & ~torch.isnan(ref)
+    ref = ref.masked_fill(~cand, NEG_INF)
+    n_cand = cand.sum(-1)
+    for b in range(B):
+        for h in range(H):
+            for n in range(N):
+                s, ix = scores[b, h, n], indices[b, h, n]
+                cnt = int(min(k, int(n_cand[b, h, n])))
+                assert (ix[:cnt] >= 0).all() and (ix[cnt:] == -1).all(), (b, h, n, ix, cnt)
+                assert (s[cnt:] == NEG_INF).all()
+                sel = ix[:cnt]
+                assert len(set(sel.tolist())) == cnt, "duplicate index"
+                assert cand[b, h, n, sel].all(), "selected an invalid / NaN slot"
+                ss = s[:cnt].double()
+                r = ref[b, h, n]
+                # returned scores are the fp32 scores of the returned slots
+                finite = torch.isfinite(r[sel])
+                err = (ss[finite] - r[sel][finite]).abs()
+                assert (err <= tol[b, h, n, sel][finite]).all(), "score mismatch"
+                assert (ss[~finite] == r[sel][~finite]).all()
+                # descending, ties by ascending index
+                if cnt > 1:
+                    assert (ss[:-1] >= ss[1:]).all(), "not sorted"
+                    eq = ss[:-1] == ss[1:]
+                    assert (sel[:-1][eq] < sel[1:][eq]).all(), "tie order"
+                if exact:
+                    # exact arithmetic: the selection is the (score desc, index asc) order
+                    order = sorted(range(M), key=lambda m: (-float(r[m]), m))
+                    order = [m for m in order if bool(cand[b, h, n, m])][:cnt]
+                    assert sel.tolist() == order, (sel.tolist(), order)
+                elif cnt > 0:
+                    # nothing left out that is clearly better than the worst selected
+                    t = tol[b, h, n]
+                    worst = (r[sel] + t[sel]).min()
+                    rest = r.clone()
+                    rest[sel] = NEG_INF
+                    assert ((rest - t) <= worst).all(), "a better slot was left out"
+
+
+def ref_attention(query, keys, values, valid, scale, causal_lq):
+    """float64 dense attention over candidates; returns (out, lse)."""
+    s = ref_scores(query, keys) * scale
+    B, H, N, _ = query.shape
+    M = keys.shape[2]
+    cand = valid[:, None, None, :].expand(B, H, N, M).clone()
+    if causal_lq:
+        pos = torch.arange(N) % causal_lq
+        cand &= torch.arange(M)[None, :] <= (pos[:, None] + M - causal_lq)
+    cand &= ~torch.isnan(s)
+    s = s.masked_fill(~cand, NEG_INF)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    v = values.float().double().masked_fill(~valid[:, None, :, None], 0.0)
+    out = p @ v
+    out[lse == NEG_INF] = 0.0
+    return out, lse
+
+
+def check_attention(out, lse, ref_out, ref_lse, atol=2e-5):
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    dead = ref_lse == NEG_INF
+    assert (lse[dead] == NEG_INF).all() and (out[dead] == 0).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(lse.double()[~dead], ref_lse[~dead], atol=atol, rtol=1e-5)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+# ---------------------------------------------------------------------------------------------
+# knn_scan
+
+KNN_CASES = [
+    # B, H, N, M, D, k, dtype
+    (1, 1, 1, 1, 1, 1, torch.float32),
+    (2, 1, 3, 7, 3, 5, torch.float32),  # k < M
+    (1, 2, 5, 7, 64, 32, torch.float32),  # k > M
+    (2, 2, 17, 1000, 100, 32, torch.bfloat16),
+    (1, 3, 15, 1000, 128, 100, torch.float16),
+    (1, 1, 29, 3001, 256, 256, torch.float32),
+    (2, 1, 9, 3001, 128, 5, torch.bfloat16),
+    (1, 1, 4, 1000, 1, 1, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,N,M,D,k,dtype", KNN_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_knn_scan(B, H, N, M, D, k, dtype, masked, gen):
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, dtype, strided=masked, gen=gen)
+    lengths = mask = None
+    if masked:
+        lengths = torch.randint(0, M + 1, (B,), generator=gen)
+        lengths[0] = M  # one full row, one random
+        mask = random_mask(B, M, gen)
+    scores, indices = ops.knn_scan(query, keys, lengths, mask, k)
+    check_knn(query, keys, lengths, mask, k, scores, indices)
+
+
+@pytest.mark.parametrize("D", [3, 64, 100])
+def test_knn_scan_exact_ties(D, gen):
+    # Small integers: fp32 sums are exact, so ties are exact and the selection is unique.
+    B, H, N, M, k = 2, 2, 21, 777, 40
+    query = torch.randint(-2, 3, (B, H, N, D), generator=gen).float()
+    keys = torch.randint(-1, 2, (B, H, M, D), generator=gen).float()
+    keys[:, :, 500:600] = keys[:, :, 100:200]  # duplicated rows: equal scores, lower index wins
+    mask = random_mask(B, M, gen, p=0.9)
+    lengths = torch.tensor([M, 650])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        scores, indices = ops.knn_scan(query, keys.to(dtype), lengths, mask, k)
+        check_knn(query, keys.to(dtype), lengths, mask, k, scores, indices, exact=True)
+
+
+def test_knn_scan_all_equal_keys(gen):
+    M, k = 300, 37
+    query = torch.randn(1, 1, 4, 16, generator=gen)
+    keys = torch.randn(1, 1, 1, 16, generator=gen).expand(1, 1, M, 16)  # stride 0 rows
+    scores, indices = ops.knn_scan(query, keys, None, None, k)
+    assert (indices == torch.arange(k)).all()
+    assert (scores == scores[..., :1]).all()
+
+
+def test_knn_scan_nan_and_inf(gen):
+    B, H, N, M, D, k = 1, 2, 6, 500, 32, 20
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = torch.randn(B, H, M, D, generator=gen)
+    keys[0, :, 3, 5] = float("nan")  # NaN key: never selected, poisons nothing else
+    keys[0, :, 10:400:7] = float("nan")
+    keys[0, 1, 450] = 1e30  # +-inf scores depending on the query sign
+    query[0, 0, 0] = float("nan")  # NaN query row: nothing selectable
+    scores, indices = ops.knn_scan(query, keys, None, None, k)
+    assert (indices[0, 0, 0] == -1).all() and (scores[0, 0, 0] == NEG_INF).all()
+    check_knn(query, keys, None, None, k, scores, indices)
+
+
+def test_knn_scan_neg_inf_selectable(gen):
+    # A valid slot whose score is -inf is selectable (ranks below every finite score).
+    D = 8
+    query = torch.ones(1, 1, 1, D)
+    keys = torch.randn(1, 1, 5, D, generator=gen)
+    keys[0, 0, 1] = -1e38
+    keys[0, 0, 3] = float("nan")
+    scores, indices = ops.knn_scan(query, keys, None, None, 6)
+    assert indices[0, 0, 0].tolist()[3:] == [1, -1, -1]
+    assert scores[0, 0, 0, 3] == NEG_INF
+
+
+def test_knn_scan_nothing_valid(gen):
+    query = torch.randn(2, 1, 3, 10, generator=gen)
+    keys = torch.randn(2, 1, 50, 10, generator=gen)
+    lengths = torch.tensor([0, 50])
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[1] = False
+    scores, indices = ops.knn_scan(query, keys, lengths, mask, 4)
+    assert (indices == -1).all() and (scores == NEG_INF).all()
+
+
+@pytest.mark.parametrize("N", [1, 3, 8])
+def test_knn_scan_memory_split(N, gen):
+    # B*H = 1 < threads: the memory is split across threads and the partial lists merged.
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        M, D, k = 40000, 64, 50
+        query = torch.randn(1, 1, N, D, generator=gen)
+        keys = torch.randn(1, 1, M, D, generator=gen).bfloat16()
+        keys[0, 0, 30000:30100] = keys[0, 0, 100:200]  # cross-split ties
+        query[0, 0, 0] = keys[0, 0, 150].float()
+        mask = random_mask(1, M, gen, p=0.95)
+        scores, indices = ops.knn_scan(query, keys, torch.tensor([M - 3]), mask, k)
+        check_knn(query, keys, torch.tensor([M - 3]), mask, k, scores, indices)
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_scan
+
+FLASH_CASES = [
+    # B, H, N, M, D, kdtype, vdtype
+    (1, 1, 1, 1, 1, torch.float32, torch.float32),
+    (2, 1, 7, 7, 3, torch.float32, torch.bfloat16),
+    (1, 2, 33, 1000, 64, torch.bfloat16, torch.bfloat16),
+    (2, 1, 20, 1000, 100, torch.float16, torch.float32),
+    (1, 1, 29, 3001, 128, torch.float32, torch.float32),
+    (1, 2, 5, 3001, 256, torch.bfloat16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,N,M,D,kdtype,vdtype", FLASH_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_flash_scan_dense(B, H, N, M, D, kdtype, vdtype, masked, gen):
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, kdtype, strided=masked, gen=gen)
+    values = make_memory(B, H, M, D, vdtype, strided=masked, gen=gen)
+    lengths = mask = None
+    if masked:
+        lengths = torch.randint(0, M + 1, (B,), generator=gen)
+        lengths[-1] = M
+        mask = random_mask(B, M, gen)
+        # garbage in invalid slots must not leak into the output
+        invalid = ~validity(B, M, lengths, mask)
+        values.masked_fill_(invalid[:, None, :, None], float("nan"))
+    scale = 1.0 / math.sqrt(D)
+    out, lse = ops.flash_scan(query, keys, values, lengths, mask, scale, 0)
+    ref_out, ref_lse = ref_attention(query, keys, values, validity(B, M, lengths, mask), scale, 0)
+    check_attention(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("G,Lq,M,D", [(1, 1, 1, 8), (2, 7, 7, 3), (4, 37, 37, 64), (2, 100, 300, 100), (3, 50, 20, 32)])
+def test_flash_scan_causal(G, Lq, M, D, gen):
+    # bottom-right aligned: position i sees j <= i + M - Lq (rows with i < Lq - M see nothing)
+    B, H = 2, 1
+    N = G * Lq
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, torch.float32, gen=gen)
+    values = make_memory(B, H, M, D, torch.bfloat16, strided=True, gen=gen)
+    scale = 0.3
+    out, lse = ops.flash_scan(query, keys, values, None, None, scale, Lq)
+    valid = torch.ones(B, M, dtype=torch.bool)
+    ref_out, ref_lse = ref_attention(query, keys, values, valid, scale, Lq)
+    check_attention(out, lse, ref_out, ref_lse)
+
+
+def test_flash_scan_nan_keys_and_empty_rows(gen):
+    B, H, N, M, D = 2, 1, 9, 600, 48
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = torch.randn(B, H, M, D, generator=gen)
+    values = torch.randn(B, H, M, D, generator=gen)
+    keys[:, :, 5, 0] = float("nan")  # NaN score: dropped like a masked slot
+    keys[:, :, 300:320] = float("nan")
+    values[:, :, 590:] = float("nan")  # invalid slots (beyond length) hold garbage
+    lengths = torch.tensor([590, 0])  # batch 1: no valid slot at all
+    out, lse = ops.flash_scan(query, keys, values, lengths, None, 0.125, 0)
+    ref_out, ref_lse = ref_attention(query, keys, values.nan_to_num(0.0), validity(B, M, lengths, None), 0.125, 0)
+    check_attention(out, lse, ref_out, ref_lse)
+    assert (out[1] == 0).all() and (lse[1] == NEG_INF).all()
+
+
+def test_flash_scan_exp_accuracy():
+    # out[1] = e^a / (1 + e^a): for a << 0 this is exp(a) itself; compare to float64.
+    a = torch.linspace(-85.0, 60.0, 2001)
+    query = torch.stack([a, torch.zeros_like(a)], -1)[None, None]  # [1, 1, N, 2]
+    keys = torch.tensor([[0.0, 0.0], [1.0, 0.0]])[None, None]
+    values = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[None, None]
+    out, lse = ops.flash_scan(query, keys, values, None, None, 1.0, 0)
+    a64 = a.double()
+    ref1 = torch.sigmoid(a64)
+    rel = ((out[0, 0, :, 1].double() - ref1).abs() / ref1).max().item()
+    assert rel < 1e-6, rel
+    ref_lse = torch.logaddexp(torch.zeros_like(a64), a64)
+    assert (lse[0, 0].double() - ref_lse).abs().max().item() < 1e-5
+    # and the fast exp against torch.exp directly on raw scores (one key, one value)
+    x = torch.linspace(-87.0, 0.0, 4097)
+    q2 = torch.stack([x, torch.ones_like(x)], -1)[None, None]
+    k2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[None, None]  # scores x and 1
+    v2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[None, None]
+    o2, _ = ops.flash_scan(q2, k2, v2, None, None, 1.0, 0)
+    # weights: [e^x, e^1] / (e^x + e) -> o2[...,0] / o2[...,1] = e^(x-1)
+    ratio = (o2[0, 0, :, 0] / o2[0, 0, :, 1]).double()
+    ref = torch.exp(x.double() - 1.0)
+    mask = ref > 1e-37
+    assert ((ratio[mask] - ref[mask]).abs() / ref[mask]).max().item() < 1e-6
+    torch.testing.assert_close(ratio[mask].float(), torch.exp(x - 1.0)[mask], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("N,causal_lq", [(1, 0), (4, 0), (8, 8)])
+def test_flash_scan_memory_split(N, causal_lq, gen):
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        M, D = 30000, 64
+        query = torch.randn(1, 1, N, D, generator=gen)
+        keys = torch.randn(1, 1, M, D, generator=gen).bfloat16()
+        values = torch.randn(1, 1, M, D, generator=gen).half()
+        mask = random_mask(1, M, gen, p=0.9)
+        lengths = torch.tensor([M - 11])
+        out, lse = ops.flash_scan(query, keys, values, lengths, mask, 0.2, causal_lq)
+        ref_out, ref_lse = ref_attention(query, keys, values, validity(1, M, lengths, mask), 0.2, causal_lq)
+        check_attention(out, lse, ref_out, ref_lse)
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,k", [(1, 1), (3, 5), (100, 32), (128, 100), (256, 7)])
+def test_gather_attention(dtype, D, k, gen):
+    B, H, N, M = 2, 2, 11, 300
+    values = make_memory(B, H, M, D, dtype, strided=True, gen=gen)
+    scores = torch.randn(B, H, N, k, generator=gen) * 3
+    indices = torch.randint(0, M, (B, H, N, k), generator=gen)
+    # padding tails (-inf, -1), a fully padded row, and a -inf score on a real slot
+    scores[0, 0, 1, k // 2 :] = NEG_INF
+    indices[0, 0, 1, k // 2 :] = -1
+    scores[1, 1, 2] = NEG_INF
+    indices[1, 1, 2] = -1
+    scores[1, 0, 3, 0] = NEG_INF
+    scale = 0.7
+    out, lse = ops.gather_attention(scores, indices, values, scale)
+    v = values.float().double()
+    valid = indices >= 0
+    x = (scores.double() * scale).masked_fill(~valid, NEG_INF)
+    ref_lse = torch.logsumexp(x, -1)
+    p = torch.exp(x - ref_lse[..., None]).nan_to_num(0.0)
+    gathered = torch.stack(
+        [torch.stack([v[b, h][indices[b, h].clamp(min=0)] for h in range(H)]) for b in range(B)]
+    )  # [B, H, N, k, D]
+    ref_out = (p[..., None] * gathered).sum(-2)
+    ref_out[ref_lse == NEG_INF] = 0.0
+    check_attention(out, lse, ref_out, ref_lse)
+    assert (lse[1, 1, 2] == NEG_INF) and (out[1, 1, 2] == 0).all()
+
+
+def test_knn_then_gather_matches_topk_attention(gen):
+    B, H, N, M, D, k = 1, 2, 13, 2000, 100, 32
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, torch.bfloat16, strided=True, gen=gen)
+    values = make_memory(B, H, M, D, torch.bfloat16, gen=gen)
+    scores, indices = ops.knn_scan(query, keys, None, None, k)
+    out, lse = ops.gather_attention(scores, indices, values, 0.1)
+    s = ref_scores(query, keys) * 0.1
+    top, idx = s.topk(k, -1)
+    ref_lse = torch.logsumexp(top, -1)
+    p = torch.softmax(top, -1)
+    v = values.float().double()
+    ref_out = torch.stack([(p[0, h][..., None] * v[0, h][idx[0, h]]).sum(-2) for h in range(H)])[None]
+    check_attention(out, lse, ref_out, ref_lse)
+
+
+def test_bad_inputs_raise(gen):
+    q = torch.randn(1, 1, 2, 8)
+    keys = torch.randn(1, 1, 10, 8)
+    with pytest.raises(RuntimeError, match="mem_keys"):
+        ops.knn_scan(q, keys[..., :4], None, None, 2)
+    with pytest.raises(RuntimeError, match="k must be"):
+        ops.knn_scan(q, keys, None, None, 0)
+    with pytest.raises(RuntimeError, match="mem_mask"):
+        ops.knn_scan(q, keys, None, torch.ones(1, 9, dtype=torch.bool), 2)
+    with pytest.raises(RuntimeError, match="stride"):
+        ops.knn_scan(q, torch.randn(1, 1, 8, 10).transpose(-1, -2), None, None, 2)
+    with pytest.raises(RuntimeError, match="indices"):
+        ops.gather_attention(torch.randn(1, 1, 2, 3), torch.full((1, 1, 2, 3), 10), keys, 1.0)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 5, 16)
+        kv = torch.empty(2, 3, 40, 16, dtype=torch.bfloat16)
+        s, i = ops.knn_scan(q, kv, None, None, 7)
+        o, l = ops.flash_scan(q, kv, kv, None, None, 0.5, 0)
+        go, gl = ops.gather_attention(s, i, kv, 0.5)
+    assert s.shape == (2, 3, 5, 7) and i.dtype == torch.int64
+    assert o.shape == (2, 3, 5, 16) and l.shape == (2, 3, 5)
+    assert go.shape == (2, 3, 5, 16) and gl.shape == (2, 3, 5)
+
+
+def test_opcheck(gen):
+    q = torch.randn(1, 2, 5, 16, generator=gen)
+    kv = torch.randn(1, 2, 40, 16, generator=gen).bfloat16()
+    lengths = torch.tensor([33])
+    mask = torch.rand(1, 40, generator=gen) < 0.8
+    torch.library.opcheck(ops.knn_scan.default, (q, kv, lengths, mask, 7))
+    torch.library.opcheck(ops.flash_scan.default, (q, kv, kv, lengths, mask, 0.5, 0))
+    s, i = ops.knn_scan(q, kv, lengths, mask, 7)
+    torch.library.opcheck(ops.gather_attention.default, (s, i, kv, 0.5))
