@@ -20,14 +20,15 @@ def _seed():
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """Make torch.empty / empty_like / new_empty return NaN-filled (float) or -7777 (int) tensors,
-    so that an element a kernel forgets to write fails the comparison."""
+    """Make torch.empty / empty_like / new_empty return NaN-filled (float) or -7777 (signed int)
+    tensors, so that an element a kernel forgets to write fails the comparison. Dtypes that cannot
+    hold -7777 (uint8, int8, bool: e.g. the Triton interpreter's scratch) are left as they are."""
     real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def fill(t):
         if t.is_floating_point():
             t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
+        elif t.dtype in (torch.int16, torch.int32, torch.int64):
             t.fill_(-7777)
         return t
 

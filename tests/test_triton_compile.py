@@ -1,0 +1,240 @@
+"""Compile every shipped Triton kernel configuration for sm_80 and sm_90 without a GPU, and fail on
+register spills (stack/local memory) or shared memory above the device's per-block limit.
+
+Uses ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, the ``cuobjdump``
+that Triton's wheel ships (``--dump-resource-usage`` gives REG and STACK) and its ``ptxas -v``
+(bytes of spill stores/loads: a small stack frame alone is not a spill). Skips cleanly where
+triton, ptxas or cuobjdump is unavailable. The register/stack/shared-memory table is printed
+(``pytest -s``), and ``python tests/test_triton_compile.py`` prints it alone.
+
+Compiled kernels are cached by Triton (~/.triton/cache), so reruns are fast; the first run
+compiles the matrix in parallel (FOT_COMPILE_JOBS workers, default: CPU count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+
+triton = pytest.importorskip("triton") if __name__ != "__main__" else __import__("triton")
+
+#: per-block shared memory limits (opt-in maximum), bytes
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ARCHS = (80, 90)
+
+
+def _tool(name: str) -> str | None:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else shutil.which(name)
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str  # "scan" | "merge" | "attn"
+    label: str
+    constexprs: tuple  # sorted (name, value) pairs
+    dtypes: tuple  # sorted (arg name, triton type) pairs overriding the defaults
+    num_warps: int
+    num_stages: int
+
+    def describe(self) -> str:
+        return f"{self.kernel}:{self.label}"
+
+
+def _kernel(name: str):
+    from fot_kernels.backends.triton import _attention, _knn
+
+    return {"scan": _knn._knn_scan_kernel, "merge": _knn._knn_merge_kernel, "attn": _attention._attn_fwd_kernel}[name]
+
+
+# pointer argument types per kernel; the dtype variants override Q/MK/...
+_PTRS = {
+    "scan": {"Q": "*bf16", "MK": "*bf16", "MLEN": "*i64", "MMASK": "*u8", "OUT_S": "*fp32", "OUT_I": "*i64", "PART": "*i64"},
+    "merge": {"PART": "*i64", "OUT_S": "*fp32", "OUT_I": "*i64"},
+    "attn": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MK": "*bf16", "MV": "*bf16", "IDX": "*i64", "MLEN": "*i64",
+             "MMASK": "*u8", "O": "*bf16", "LSE": "*fp32"},
+}  # fmt: skip
+_FLOATS = {"qk_scale"}
+
+#: (label, pointer dtypes, whether the product runs in fp32) of the dtype variants compiled
+_SCAN_DTYPES = [
+    ("bf16", {"Q": "*bf16", "MK": "*bf16"}, False),
+    ("fp32", {"Q": "*fp32", "MK": "*fp32"}, True),
+    ("fp32q-bf16mem", {"Q": "*fp32", "MK": "*bf16"}, True),
+]
+_ATTN_DTYPES = [
+    ("bf16", {}, (False, False)),
+    ("fp32", {n: "*fp32" for n in ("Q", "K", "V", "MK", "MV", "O")}, (True, True)),
+    ("fp32q-bf16mem", {"Q": "*fp32", "K": "*fp32", "V": "*fp32", "O": "*fp32"}, (True, True)),
+]
+
+
+def shipped_cases() -> list[Case]:
+    """Every configuration the launchers can pick, in each dtype variant (deduplicated)."""
+    from fot_kernels.backends.triton import _configs as C
+
+    cases: dict[Case, None] = {}
+    for kp, bd, rows, fp32 in C.shipped_knn_configs():
+        cfg = C.knn_config(kp, bd, rows, fp32)
+        for label, dts, dot_fp32 in _SCAN_DTYPES:
+            if dot_fp32 != fp32 or (label == "fp32q-bf16mem" and bd not in (64, 128)):
+                continue  # the mixed variant has the fp32 code shape; compiled for the head dims real models use
+            for final in (True, False) if label == "bf16" else (True,):  # the split epilogue is dtype-free
+                const = dict(BM=cfg.BM, BN=cfg.BN, BD=bd, DC=cfg.DC, K=cfg.K, HAS_LEN=True, HAS_MASK=True,
+                             DOT_FP32=fp32, INTERPRET=False, FINAL=final, OFF64=False)  # fmt: skip
+                name = f"K{cfg.K} BD{bd} DC{cfg.DC} BM{cfg.BM} BN{cfg.BN} w{cfg.num_warps} {label}{'' if final else ' split'}"
+                cases[Case("scan", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps, cfg.num_stages)] = None
+        bm = C.knn_merge_block(cfg.K)
+        cases[Case("merge", f"K{cfg.K} BM{bm} w4", (("BM", bm), ("K", cfg.K)), (), 4, 1)] = None
+    for bd, rows, mode, fp32 in C.shipped_attn_configs():
+        cfg = C.attn_config(bd, rows, mode, fp32)
+        for label, dts, (lf, mf) in _ATTN_DTYPES:
+            if mf != fp32 or (label == "fp32q-bf16mem" and bd not in (64, 128)):
+                continue
+            const = dict(BM=cfg.BM, BN=cfg.BN, BD=bd, HAS_LOCAL=True, CAUSAL=True, MEM_MODE=mode, HAS_LEN=True,
+                         HAS_MASK=True, LOCAL_FP32=lf, MEM_FP32=mf, INTERPRET=False, OFF64=False)  # fmt: skip
+            name = f"BD{bd} BM{cfg.BM} BN{cfg.BN} w{cfg.num_warps} mem{['-', 'dense', 'knn'][mode]} {label}"
+            cases[Case("attn", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps, cfg.num_stages)] = None
+    return list(cases)
+
+
+def compile_case(case: Case, arch: int) -> dict:
+    """Compile one case for sm_<arch>; returns REG/STACK/LOCAL (cuobjdump) and shared bytes."""
+    from triton.backends.compiler import GPUTarget
+
+    fn = _kernel(case.kernel)
+    const = dict(case.constexprs)
+    ptrs = {**_PTRS[case.kernel], **dict(case.dtypes)}
+    signature = {}
+    for name in fn.arg_names:
+        if name in const:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = ptrs[name]
+        elif name in _FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    # torch allocations are 16-byte aligned: the runtime would specialise the pointers likewise
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
+    src = triton.compiler.ASTSource(fn, signature, const, attrs)
+    target = triton.backends.compiler.GPUTarget("cuda", arch, 32)
+    from fot_kernels.backends.triton._configs import MAXNREG
+
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages, "maxnreg": MAXNREG}
+    kernel = triton.compile(src, target=target, options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+        # the stack frame alone is not a spill (ptxas may keep small local arrays there): ask ptxas
+        # for its spill statistics on the same PTX and architecture
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    usage = {key: int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.stdout + log.stderr)]
+    return {"reg": usage.get("REG", -1), "stack": usage.get("STACK", 0), "local": usage.get("LOCAL", 0),
+            "spill": sum(spills), "smem": int(kernel.metadata.shared) + usage.get("SHARED", 0)}  # fmt: skip
+
+
+def _compile_job(args):
+    case, arch = args
+    try:
+        return case, arch, compile_case(case, arch), None
+    except Exception as exc:  # reported per case by the test
+        return case, arch, None, f"{type(exc).__name__}: {exc}"
+
+
+def compile_all(cases: list[Case]) -> dict:
+    jobs = [(c, a) for c in cases for a in ARCHS]
+    workers = int(os.environ.get("FOT_COMPILE_JOBS", os.cpu_count() or 1))
+    if workers <= 1:
+        results = map(_compile_job, jobs)
+        return {(c, a): (r, e) for c, a, r, e in results}
+    with ProcessPoolExecutor(workers) as pool:
+        return {(c, a): (r, e) for c, a, r, e in pool.map(_compile_job, jobs, chunksize=1)}
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'kernel':6} {'configuration':52} " + " ".join(f"sm_{a}: REG STACK SPILL SMEM".ljust(30) for a in ARCHS)]
+    for case in dict.fromkeys(c for c, _ in results):
+        cells = []
+        for arch in ARCHS:
+            res, err = results[(case, arch)]
+            cells.append(("ERROR" if res is None else f"{res['reg']:>3} {res['stack']:>5} {res['spill']:>5} {res['smem']:>7}").ljust(30))
+        lines.append(f"{case.kernel:6} {case.label:52} " + "       ".join(cells))
+    return "\n".join(lines)
+
+
+def _tools_missing() -> str | None:
+    for name in ("ptxas", "cuobjdump"):
+        if _tool(name) is None:
+            return f"{name} not found (Triton's wheel ships it under triton/backends/nvidia/bin)"
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as exc:
+        return f"triton's NVIDIA backend is unavailable: {exc}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Compile in a child process: this test process may run the Triton interpreter
+    (TRITON_INTERPRET=1, set by conftest without a GPU), where @triton.jit functions cannot be compiled."""
+    reason = _tools_missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("compile") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--json", str(out)], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    print("\n" + proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_shipped_configs_compile_without_spills(compiled):
+    failures = []
+    for row in compiled:
+        res, err, arch, what = row["result"], row["error"], row["arch"], f"{row['kernel']}:{row['label']}"
+        if res is None:
+            failures.append(f"sm_{arch} {what}: compile failed: {err}")
+        elif res["spill"] > 0:
+            failures.append(f"sm_{arch} {what}: spills {res['spill']} bytes (STACK {res['stack']}, REG {res['reg']})")
+        elif res["smem"] > SMEM_LIMIT[arch]:
+            failures.append(f"sm_{arch} {what}: shared memory {res['smem']} > {SMEM_LIMIT[arch]}")
+    assert compiled, "no configuration was compiled"
+    assert not failures, "\n".join(failures)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    missing = _tools_missing()
+    if missing:
+        sys.exit(missing)
+    results = compile_all(shipped_cases())
+    print(format_table(results))
+    if len(sys.argv) == 3 and sys.argv[1] == "--json":
+        rows = [{"kernel": c.kernel, "label": c.label, "arch": a, "result": r, "error": e} for (c, a), (r, e) in results.items()]
+        with open(sys.argv[2], "w") as f:
+            json.dump(rows, f)
