@@ -37,6 +37,17 @@ def _tool(name: str) -> str | None:
     return path if os.path.exists(path) else shutil.which(name)
 
 
+def _ptxas(arch: int) -> str | None:
+    """The ptxas Triton itself uses for this arch (newer Tritons pick a newer ptxas than bin/ptxas,
+    whose PTX ISA version the old one rejects)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):
+        return _tool("ptxas")
+
+
 @dataclass(frozen=True)
 class Case:
     kernel: str  # "scan" | "merge" | "attn"
@@ -144,7 +155,7 @@ def compile_case(case: Case, arch: int) -> dict:
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.o")],
+        log = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True, check=True)  # fmt: skip
     usage = {key: int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.stdout + log.stderr)]
