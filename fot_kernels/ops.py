@@ -53,7 +53,8 @@ def knn_topk(
         k: number of slots per query, ``k >= 1`` (may exceed M: the tail is padded).
         mem_lengths: optional integer ``[B]``: slot m of row b is valid iff ``m < mem_lengths[b]``.
         mem_mask: optional bool ``[B, M]``: slot m of row b is valid iff ``mem_mask[b, m]``.
-        backend: ``"auto"`` or one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+        backend: ``"auto"`` or one of ``"reference"``, ``"streaming"``, ``"cpu"``, ``"triton"``,
+            ``"cuda"``.
 
     Returns:
         ``(scores, indices)``, both ``[B, Hq, Lq, k]``: scores float32 (float64 when an input is

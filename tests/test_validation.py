@@ -98,3 +98,16 @@ def test_validation_runs_before_any_kernel(monkeypatch):
     monkeypatch.setattr(cpu, "memory_attention", lambda *a, **k: pytest.fail("kernel ran on bad input"))
     with pytest.raises(ValueError):
         _attn(mem_lengths=torch.tensor([99, 0]))
+
+
+def test_streaming_backend_serves_any_device_and_matches_cpu():
+    c = make_case(2, 4, 2, 7, 9, 40, 12, lengths=True)
+    for topk in (None, 5):
+        a = fk.memory_attention(c.query, c.key, c.value, c.mem_keys, c.mem_values, topk=topk,
+                                mem_lengths=c.mem_lengths, backend="streaming")  # fmt: skip
+        b = fk.memory_attention(c.query, c.key, c.value, c.mem_keys, c.mem_values, topk=topk,
+                                mem_lengths=c.mem_lengths, backend="reference")  # fmt: skip
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    from fot_kernels.backends import auto_order
+
+    assert auto_order("cuda")[-1] == "streaming" and auto_order("cpu") == ("cpu",)

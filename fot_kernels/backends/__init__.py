@@ -20,10 +20,11 @@ import importlib
 from types import ModuleType
 
 #: every backend name, in the order ``python -m fot_kernels`` lists them
-NAMES = ("reference", "cpu", "triton", "cuda")
+NAMES = ("reference", "streaming", "cpu", "triton", "cuda")
 
 _MODULES = {
     "reference": "fot_kernels.backends.reference",
+    "streaming": "fot_kernels.backends.streaming",
     "cpu": "fot_kernels.backends.cpu",
     "triton": "fot_kernels.backends.triton",
     "cuda": "fot_kernels.backends.cuda",
@@ -32,10 +33,11 @@ _MODULES = {
 
 def auto_order(device_type: str) -> tuple[str, ...]:
     """Backends tried by ``backend="auto"``, fastest first. The reference is never picked
-    automatically (it materialises Lq x M), nor is the Triton interpreter on the CPU."""
+    automatically (it materialises Lq x M), nor is the Triton interpreter on the CPU; on GPUs the
+    device-agnostic block-streaming PyTorch backend serves what the fused kernels do not."""
     if device_type == "cpu":
         return ("cpu",)
-    return ("cuda", "triton", "cpu")
+    return ("cuda", "triton", "streaming")
 
 
 def load(name: str) -> tuple[ModuleType | None, str | None]:
