@@ -120,12 +120,20 @@ def check_knn(
         raise AssertionError(f"knn: {int((indices != ref_i)[separated].sum())} indices differ where scores are well separated")
 
 
-def peak_memory(fn: Callable[[], object]) -> tuple[object, int]:
-    """Run fn and return (its result, peak resident-set growth in bytes during the call).
+def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> tuple[object, int]:
+    """Run fn and return (its result, peak memory growth in bytes during the call).
 
-    Linux only: resets the process's high-water mark through /proc/self/clear_refs (value 5) and
-    reads VmHWM afterwards. Returns -1 for the growth where that is not possible.
+    CUDA: peak of torch's caching allocator above what was allocated before. CPU (Linux only):
+    resets the process's high-water mark through /proc/self/clear_refs (value 5) and reads VmHWM
+    afterwards. Returns -1 for the growth where that is not possible.
     """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, max(torch.cuda.max_memory_allocated(device) - before, 0)
 
     def status(field: str) -> int:
         with open("/proc/self/status") as f:

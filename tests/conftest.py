@@ -2,6 +2,7 @@
 choice of CPU kernels (C++ extension or the PyTorch block-streaming fallback)."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,15 +38,13 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(real_new_empty(self, *a, **k)))
 
 
-@pytest.fixture(params=["ext", "torch"])
-def cpu_kernels(request, monkeypatch):
-    """Run a cpu-backend test with the C++ kernels and with the PyTorch fallback kernels.
-
-    Without a compiler the "ext" case is skipped, unless FOT_KERNELS_REQUIRE_CPU_EXT=1 (set by CI),
-    where a failed build fails the test instead of hiding behind the fallback."""
+def _use_cpu_kernels(kind: str, monkeypatch) -> None:
+    """"ext": the C++ kernels (skipped without a compiler, unless FOT_KERNELS_REQUIRE_CPU_EXT=1, set
+    by CI, where a failed build fails the test instead of hiding behind the fallback); "torch": the
+    PyTorch fallback kernels."""
     from fot_kernels.backends import _cpu_ext
 
-    if request.param == "ext":
+    if kind == "ext":
         if not _cpu_ext.load():
             msg = f"C++ CPU extension unavailable: {_cpu_ext.unavailable_reason()}"
             if os.environ.get("FOT_KERNELS_REQUIRE_CPU_EXT") == "1":
@@ -53,4 +52,29 @@ def cpu_kernels(request, monkeypatch):
             pytest.skip(msg)
     else:
         monkeypatch.setattr(_cpu_ext, "load", lambda: False)
+
+
+@pytest.fixture(params=["ext", "torch"])
+def cpu_kernels(request, monkeypatch):
+    """Run a cpu-backend test with the C++ kernels and with the PyTorch fallback kernels."""
+    _use_cpu_kernels(request.param, monkeypatch)
     return request.param
+
+
+@pytest.fixture(params=["cpu", "cpu-pytorch-kernels", "streaming", "cuda"])
+def impl(request, monkeypatch):
+    """A production backend to test: ``impl.name`` (the ``backend=`` argument), ``impl.device``
+    (where the inputs live), ``impl.kind`` (the parameter)."""
+    kind = request.param
+    if kind.startswith("cpu"):
+        _use_cpu_kernels("ext" if kind == "cpu" else "torch", monkeypatch)
+        return SimpleNamespace(name="cpu", device="cpu", kind=kind)
+    if kind == "streaming":
+        return SimpleNamespace(name="streaming", device=DEVICE, kind=kind)
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from fot_kernels.backends import cuda
+
+    if cuda.extension_status() is not None:
+        pytest.skip(f"CUDA extension unavailable: {cuda.extension_status()}")
+    return SimpleNamespace(name="cuda", device="cuda", kind=kind)

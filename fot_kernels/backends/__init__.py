@@ -34,10 +34,12 @@ _MODULES = {
 def auto_order(device_type: str) -> tuple[str, ...]:
     """Backends tried by ``backend="auto"``, fastest first. The reference is never picked
     automatically (it materialises Lq x M), nor is the Triton interpreter on the CPU; on GPUs the
-    device-agnostic block-streaming PyTorch backend serves what the fused kernels do not."""
+    device-agnostic block-streaming PyTorch backend serves what the fused kernels do not. Triton
+    comes before the CUDA C++ kernels until those have been run and timed on a GPU (they have only
+    been compiled so far); pass ``backend="cuda"`` to use them."""
     if device_type == "cpu":
         return ("cpu",)
-    return ("cuda", "triton", "streaming")
+    return ("triton", "cuda", "streaming")
 
 
 def load(name: str) -> tuple[ModuleType | None, str | None]:

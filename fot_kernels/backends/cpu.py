@@ -36,8 +36,12 @@ def extension_status() -> str | None:
 def _kernels(*tensors: Tensor | None) -> SimpleNamespace:
     """The C++ kernels when they are built and serve these dtypes, else the PyTorch ones."""
     if all(t is None or t.dtype in _EXT_DTYPES for t in tensors) and _cpu_ext.load():
-        return torch.ops.fot_cpu
+        return streaming.kernel_set(torch.ops.fot_cpu, _float32_rows)
     return streaming.TORCH_KERNELS
+
+
+def _float32_rows(*_: Tensor | None) -> torch.dtype:
+    return torch.float32  # the C++ kernels take fp32 query rows (memory in fp32/bf16/fp16)
 
 
 def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None):

@@ -1,41 +1,144 @@
-"""CUDA C++ backend (csrc/): the compiled extension registers torch custom ops.
+"""CUDA C++ backend: the kernels in csrc/cuda, compiled by setup.py into ``fot_kernels._C``.
 
-The kernels are the subject of a later issue; until the extension is built, this backend reports
-why it cannot serve, and ``backend="auto"`` moves on to the next backend.
+Importing ``fot_kernels._C`` registers three torch custom ops (schemas in csrc/cuda/bindings.cpp),
+the same as the C++ CPU kernels' (csrc/cpu/fot_cpu.cpp)::
+
+    fot_cuda::knn_scan(query, mem_keys, mem_lengths?, mem_mask?, k) -> (scores, indices)
+    fot_cuda::flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq) -> (out, lse)
+    fot_cuda::gather_attention(scores, indices, values, scale) -> (out, lse)
+
+Their query is a block of rows ``[B, Hkv, G * Lq, D]``: the G query heads that share a kv head
+are stacked so that every memory tile is read once per kv head (grouped-query attention without
+repeating keys). This module registers their fake (meta) kernels for ``torch.compile`` and maps the
+backend interface onto them:
+
+- ``knn_topk``: ``knn_scan`` (fused score tile + exact on-chip top-k, memory split across blocks,
+  split lists merged on the GPU);
+- ``memory_attention``, kNN mode: ``knn_scan`` then ``gather_attention`` (softmax over the k
+  selected slots, using the scan's fp32 scores); dense mode: ``flash_scan`` over the memory with
+  its validity mask; the local part: ``flash_scan`` with the bottom-right causal mask. The parts
+  are combined by an exact log-sum-exp merge. The composition is ``backends.streaming``'s, run
+  with these kernels.
+
+Precision: fp16/bf16 query with memory (and local keys/values) of the same dtype runs on the
+tensor cores (exact products, fp32 accumulation; attention probabilities are rounded to that dtype
+for P @ V, as in FlashAttention). Any other combination (fp32 query, mixed dtypes) upcasts the
+query rows to fp32 and computes exact fp32 products of the upcast values on the CUDA cores; the
+memory is converted tile by tile on chip, never copied.
+
+Not served (``unsupported_reasons`` says so and ``backend="auto"`` moves on): CPU tensors,
+float64, k > 256, mem_values / value with a dtype other than mem_keys' / key's, more than
+2^31 - 1 memory slots, B * Hkv > 65535, and inputs that require grad while grad mode is on
+(there is no backward kernel yet).
 """
 
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
+import torch
 from torch import Tensor
 
+from . import streaming
+
 NAME = "cuda"
+MAX_K = 256  # csrc/cuda/fot_cuda.h kMaxK
+MAX_SLOTS = 2**31 - 1
+_TC_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _extension_reason() -> str | None:
+def _load_extension() -> str | None:
+    """Import fot_kernels._C (which registers torch.ops.fot_cuda); None, or why it failed."""
     try:
         importlib.import_module("fot_kernels._C")
-    except ImportError:
-        return "the CUDA extension fot_kernels._C is not built (install with CUDA present, or FOT_KERNELS_BUILD_CUDA=1)"
+    except (ImportError, OSError) as exc:
+        return (f"the CUDA extension fot_kernels._C is not built or does not load ({exc}); "
+                "install with CUDA present, or FOT_KERNELS_BUILD_CUDA=1")
     return None
 
 
-def unsupported_reasons(op: str, query: Tensor, mem_keys: Tensor, **_: object) -> list[str]:
+_EXTENSION_REASON = _load_extension()
+
+if _EXTENSION_REASON is None:
+
+    @torch.library.register_fake("fot_cuda::knn_scan")
+    def _knn_scan_fake(query, mem_keys, mem_lengths, mem_mask, k):
+        shape = (*query.shape[:3], k)
+        return query.new_empty(shape, dtype=torch.float32), query.new_empty(shape, dtype=torch.int64)
+
+    @torch.library.register_fake("fot_cuda::flash_scan")
+    def _flash_scan_fake(query, keys, values, mem_lengths, mem_mask, scale, causal_lq):
+        return query.new_empty(query.shape, dtype=torch.float32), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("fot_cuda::gather_attention")
+    def _gather_attention_fake(scores, indices, values, scale):
+        out = scores.new_empty((*scores.shape[:3], values.shape[3]), dtype=torch.float32)
+        return out, scores.new_empty(scores.shape[:3], dtype=torch.float32)
+
+
+def extension_status() -> str | None:
+    """None when the CUDA kernels are importable, else why not."""
+    return _EXTENSION_REASON
+
+
+def unsupported_reasons(
+    op: str,
+    query: Tensor,
+    mem_keys: Tensor,
+    *,
+    key: Tensor | None = None,
+    value: Tensor | None = None,
+    mem_values: Tensor | None = None,
+    topk: int | None = None,
+) -> list[str]:
     reasons = []
     if query.device.type != "cuda":
         reasons.append(f"cuda backend needs CUDA tensors, got {query.device.type}")
-    reason = _extension_reason()
-    if reason:
-        reasons.append(reason)
-    elif op:
-        reasons.append(f"the CUDA extension has no {op} kernel yet")
+    if _EXTENSION_REASON is not None:
+        reasons.append(_EXTENSION_REASON)
+    tensors = {"query": query, "mem_keys": mem_keys, "mem_values": mem_values, "key": key, "value": value}
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in _DTYPES:
+            dtype = str(t.dtype).replace("torch.", "")
+            reasons.append(f"{name} dtype {dtype} is not served (float32/float16/bfloat16 only)")
+    if mem_values is not None and mem_values.dtype != mem_keys.dtype:
+        reasons.append(f"mem_values dtype {mem_values.dtype} differs from mem_keys dtype {mem_keys.dtype}")
+    if key is not None and value is not None and key.dtype != value.dtype:
+        reasons.append(f"value dtype {value.dtype} differs from key dtype {key.dtype}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()):
+        reasons.append("inputs require grad: the CUDA kernels have no backward (DESIGN.md 3.4) yet")
+    if topk is not None and topk > MAX_K:
+        reasons.append(f"k={topk} > {MAX_K} is not served on chip")
+    if mem_keys.shape[2] > MAX_SLOTS:
+        reasons.append(f"more than {MAX_SLOTS} memory slots ({mem_keys.shape[2]})")
+    for name, t in (("mem_keys", mem_keys), ("key", key)):
+        if t is not None and t.shape[0] * t.shape[1] > 65535:
+            reasons.append(f"B * Hkv of {name} must be <= 65535, got shape {tuple(t.shape)}")
     return reasons
 
 
-def knn_topk(query, mem_keys, k, *, mem_lengths, mem_mask):  # pragma: no cover - slot
-    raise NotImplementedError(unsupported_reasons("knn_topk", query, mem_keys))
+def _row_dtype(query: Tensor, *others: Tensor) -> torch.dtype:
+    """The dtype the kernels take the query rows in: the shared fp16/bf16 dtype (tensor cores),
+    else float32 (exact fp32 products of upcast values)."""
+    if query.dtype in _TC_DTYPES and all(t.dtype == query.dtype for t in others):
+        return query.dtype
+    return torch.float32
 
 
-def memory_attention(query, key, value, mem_keys, mem_values, **_):  # pragma: no cover - slot
-    raise NotImplementedError(unsupported_reasons("memory_attention", query, mem_keys))
+def _kernels() -> SimpleNamespace:
+    return streaming.kernel_set(torch.ops.fot_cuda, _row_dtype)
+
+
+def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None):
+    return streaming.knn_topk(query, mem_keys, k, mem_lengths=mem_lengths, mem_mask=mem_mask, kernels=_kernels())
+
+
+def memory_attention(
+    query, key, value, mem_keys, mem_values, *, topk, causal, softmax_scale, mem_lengths, mem_mask
+) -> tuple[Tensor, Tensor]:
+    return streaming.memory_attention(
+        query, key, value, mem_keys, mem_values, topk=topk, causal=causal, softmax_scale=softmax_scale,
+        mem_lengths=mem_lengths, mem_mask=mem_mask, kernels=_kernels(),
+    )  # fmt: skip

@@ -14,7 +14,8 @@ Semantics fixed here (and followed by every other backend):
   with fewer than k candidates is padded with score -inf and index -1;
 - local causal mask is bottom-right aligned: query i sees local key j iff ``j <= i + Lk - Lq``;
 - one joint softmax over [allowed local keys | memory candidates]; a row with no candidate at all
-  has output 0 and lse -inf.
+  has output 0 and lse -inf; invalid memory slots contribute exactly nothing, even when their
+  (unused) values hold NaN.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def memory_attention(
         s_mem = q @ k_mem.transpose(-1, -2)
         valid = valid_slots(batch, num_slots, mem_lengths, mem_mask, q.device)[:, None, None, :]
         s_mem = (s_mem * scale).masked_fill(~valid | torch.isnan(s_mem), float("-inf"))
+        v_mem = v_mem.masked_fill(~valid.transpose(-1, -2), 0)  # weight 0 must not meet a NaN in an unused slot
         logits.append(s_mem)
         values.append(lambda p, v=v_mem: p @ v)
     else:
@@ -170,7 +172,7 @@ def memory_attention(
             if v is None:
                 return p.new_zeros(batch, num_q_heads, len_q, head_dim)
             sel = idx.clamp_min(0)[..., None].expand(-1, -1, -1, -1, head_dim)  # [B, Hq, Lq, k, D]
-            v_sel = v.gather(3, sel)
+            v_sel = v.gather(3, sel).masked_fill(idx[..., None] < 0, 0)  # padding reads slot 0: weight 0
             return (p[..., None] * v_sel).sum(-2)
 
         logits.append(sel_scores.to(cd) * scale)  # padding is -inf, so it gets weight 0

@@ -81,7 +81,8 @@ def flash_scan_torch(query, keys, values, mem_lengths, mem_mask, scale: float, c
     for start in range(0, num_keys, BLOCK):
         stop = min(start + BLOCK, num_keys)
         s = q @ keys[:, :, start:stop].to(cd).transpose(-1, -2)
-        keep = _block_validity(batch, start, stop, mem_lengths, mem_mask, q.device) & ~torch.isnan(s)
+        valid = _block_validity(batch, start, stop, mem_lengths, mem_mask, q.device)
+        keep = valid & ~torch.isnan(s)
         if causal_lq > 0:
             keep = keep & (torch.arange(start, stop, device=q.device)[None, :] <= last_allowed[:, None])
         s = (s * scale).masked_fill(~keep, float("-inf"))
@@ -90,7 +91,8 @@ def flash_scan_torch(query, keys, values, mem_lengths, mem_mask, scale: float, c
         p = torch.exp(s - safe_max[..., None])
         correction = torch.exp(row_max - safe_max)
         row_sum = row_sum * correction + p.sum(-1)
-        acc = acc * correction[..., None] + p @ values[:, :, start:stop].to(cd)
+        v = values[:, :, start:stop].to(cd).masked_fill(~valid.transpose(-1, -2), 0)  # NaN in unused slots
+        acc = acc * correction[..., None] + p @ v
         row_max = new_max
     empty = row_sum == 0
     out = torch.where(empty[..., None], torch.zeros_like(acc), acc / torch.where(empty, 1, row_sum)[..., None])
@@ -116,14 +118,23 @@ def gather_attention_torch(scores: Tensor, indices: Tensor, values: Tensor, scal
         p = torch.exp(logits - safe[..., None])  # [B, Hkv, n, k]
         flat = idx.clamp_min(0).flatten(2)  # [B, Hkv, n * k]
         v_sel = values.gather(2, flat[..., None].expand(-1, -1, -1, values.shape[-1])).to(cd)
-        v_sel = v_sel.view(batch, heads, stop - start, idx.shape[-1], -1)
+        v_sel = v_sel.view(batch, heads, stop - start, idx.shape[-1], -1).masked_fill(idx[..., None] < 0, 0)
         out[:, :, start:stop] = (p[..., None] * v_sel).sum(-2)
         lse[:, :, start:stop] = row_lse
     return out, lse
 
 
-TORCH_KERNELS = SimpleNamespace(
-    knn_scan=knn_scan_torch, flash_scan=flash_scan_torch, gather_attention=gather_attention_torch
+def kernel_set(ops, row_dtype) -> SimpleNamespace:
+    """The three kernels of a backend (``ops.knn_scan``, ``ops.flash_scan``,
+    ``ops.gather_attention``, e.g. ``torch.ops.fot_cpu``) and ``row_dtype(query, *operands)``,
+    the dtype its kernels take the stacked query rows in."""
+    return SimpleNamespace(knn_scan=ops.knn_scan, flash_scan=ops.flash_scan, gather_attention=ops.gather_attention,
+                           row_dtype=row_dtype)  # fmt: skip
+
+
+TORCH_KERNELS = kernel_set(
+    SimpleNamespace(knn_scan=knn_scan_torch, flash_scan=flash_scan_torch, gather_attention=gather_attention_torch),
+    compute_dtype,
 )
 
 
@@ -145,7 +156,7 @@ def _ungroup(x: Tensor, num_q_heads: int, len_q: int) -> Tensor:
 
 def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None,
              kernels: SimpleNamespace = TORCH_KERNELS):  # fmt: skip
-    rows = _group_queries(query, mem_keys.shape[1], torch.float64 if query.dtype == torch.float64 else torch.float32)
+    rows = _group_queries(query, mem_keys.shape[1], kernels.row_dtype(query, mem_keys))
     scores, indices = kernels.knn_scan(rows, mem_keys, mem_lengths, mem_mask, k)
     return _ungroup(scores, query.shape[1], query.shape[2]), _ungroup(indices, query.shape[1], query.shape[2])
 
@@ -155,15 +166,14 @@ def memory_attention(
     kernels: SimpleNamespace = TORCH_KERNELS,
 ) -> tuple[Tensor, Tensor]:
     batch, num_q_heads, len_q, head_dim = query.shape
-    cd = torch.float32 if kernels is not TORCH_KERNELS else compute_dtype(query, key, value, mem_keys, mem_values)
     outs, lses = [], []
     if key is not None and key.shape[2] > 0 and len_q > 0:
-        rows = _group_queries(query, key.shape[1], cd)
+        rows = _group_queries(query, key.shape[1], kernels.row_dtype(query, key, value))
         out, lse = kernels.flash_scan(rows, key, value, None, None, softmax_scale, len_q if causal else 0)
         outs.append(_ungroup(out, num_q_heads, len_q))
         lses.append(_ungroup(lse, num_q_heads, len_q))
     if mem_keys.shape[2] > 0 and len_q > 0:
-        rows = _group_queries(query, mem_keys.shape[1], cd)
+        rows = _group_queries(query, mem_keys.shape[1], kernels.row_dtype(query, mem_keys, mem_values))
         if topk is None:
             out, lse = kernels.flash_scan(rows, mem_keys, mem_values, mem_lengths, mem_mask, softmax_scale, 0)
         else:
@@ -172,7 +182,8 @@ def memory_attention(
         outs.append(_ungroup(out, num_q_heads, len_q))
         lses.append(_ungroup(lse, num_q_heads, len_q))
     if not outs:
-        lse = torch.full((batch, num_q_heads, len_q), float("-inf"), dtype=cd, device=query.device)
+        lse_dtype = compute_dtype(query, key, value, mem_keys, mem_values)
+        lse = torch.full((batch, num_q_heads, len_q), float("-inf"), dtype=lse_dtype, device=query.device)
         return query.new_zeros(query.shape), lse
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else merge_attention(outs, lses)
     return out.to(query.dtype), lse

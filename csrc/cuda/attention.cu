@@ -1,0 +1,367 @@
+// fot_cuda attention: flash-style online softmax over keys/values (dense memory with validity,
+// or local keys with the bottom-right causal mask), the log-sum-exp merge of memory splits, and
+// the softmax over gathered kNN slots. See csrc/cuda/README.md.
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace fot_cuda {
+namespace {
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct FlashLayout {
+  int Dp, ldq, ldk, ldv, lds, ldp, ldo;
+  size_t off_q, off_k, off_v, off_s, off_p, off_o, off_m, off_l, off_alpha, off_valid, total;
+};
+
+// TC: q/k/v tiles in fp16/bf16 (ld = Dp + 8), P in the same dtype for the second product.
+// SIMT: q/k tiles fp32 with odd ld (Dp + 1), v fp32 (ld = Dp), P kept in the fp32 score tile.
+__host__ __device__ inline FlashLayout flash_layout(int BM, int BN, int D, bool tc, int esz) {
+  FlashLayout L;
+  L.Dp = round_up(D < 1 ? 1 : D, 16);
+  L.ldq = L.ldk = tc ? L.Dp + 8 : L.Dp + 1;
+  L.ldv = tc ? L.Dp + 8 : L.Dp;
+  L.lds = BN + 4;
+  L.ldp = BN + 8;
+  L.ldo = L.Dp + 4;
+  size_t o = 0;
+  L.off_q = o;
+  o = align_up(o + (size_t)BM * L.ldq * esz, 128);
+  L.off_k = o;
+  o = align_up(o + (size_t)BN * L.ldk * esz, 128);
+  L.off_v = o;
+  o = align_up(o + (size_t)BN * L.ldv * esz, 128);
+  L.off_s = o;
+  o = align_up(o + (size_t)BM * L.lds * sizeof(float), 128);
+  L.off_p = o;
+  o = align_up(o + (tc ? (size_t)BM * L.ldp * esz : 0), 128);
+  L.off_o = o;
+  o = align_up(o + (size_t)BM * L.ldo * sizeof(float), 128);
+  L.off_m = o;
+  o = align_up(o + (size_t)BM * sizeof(float), 128);
+  L.off_l = o;
+  o = align_up(o + (size_t)BM * sizeof(float), 128);
+  L.off_alpha = o;
+  o = align_up(o + (size_t)BM * sizeof(float), 128);
+  L.off_valid = o;
+  o = align_up(o + BN, 128);
+  L.total = o;
+  return L;
+}
+
+// grid (row tiles, B*H, splits), kThreads threads.
+template <typename TK, bool TC>
+__global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashParams p) {
+  using TS = typename std::conditional<TC, TK, float>::type;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int BM = p.bm, BN = p.bn;
+  const FlashLayout L = flash_layout(BM, BN, p.D, TC, (int)sizeof(TS));
+  TS* q_s = reinterpret_cast<TS*>(smem + L.off_q);            // [BM][ldq]
+  TS* k_s = reinterpret_cast<TS*>(smem + L.off_k);            // [BN][ldk]
+  TS* v_s = reinterpret_cast<TS*>(smem + L.off_v);            // [BN][ldv]
+  float* s_s = reinterpret_cast<float*>(smem + L.off_s);      // [BM][lds] scores, then P (SIMT)
+  TS* p_s = reinterpret_cast<TS*>(smem + L.off_p);            // [BM][ldp] P (TC)
+  float* o_s = reinterpret_cast<float*>(smem + L.off_o);      // [BM][ldo] unnormalised output
+  float* m_s = reinterpret_cast<float*>(smem + L.off_m);      // [BM] running max (base 2)
+  float* l_s = reinterpret_cast<float*>(smem + L.off_l);      // [BM] running sum
+  float* alpha_s = reinterpret_cast<float*>(smem + L.off_alpha);  // [BM] rescale of this tile
+  uint8_t* valid_s = smem + L.off_valid;                      // [BN]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = blockIdx.x * BM;
+  const int bh = blockIdx.y, b = bh / p.H, h = bh - b * p.H;
+  const int rows = min(BM, p.N - row0);
+  int64_t len = p.M;
+  if (p.lengths != nullptr) len = max64(0, min64(p.M, p.lengths[b]));
+  const int64_t m_begin = (int64_t)blockIdx.z * p.split_len;
+  int64_t m_end = min64(len, m_begin + p.split_len);
+  if (p.causal_lq > 0) {  // the last key any row of this tile may see
+    const int64_t first = row0 % p.causal_lq;
+    const int64_t last_i = (first + rows - 1 >= p.causal_lq) ? p.causal_lq - 1 : first + rows - 1;
+    m_end = min64(m_end, last_i + p.M - p.causal_lq + 1);
+  }
+
+  const TS* qg = reinterpret_cast<const TS*>(p.q) + ((int64_t)bh * p.N + row0) * p.D;
+  load_tile<TS, TS>(q_s, L.ldq, qg, p.D, rows, BM, p.D, L.Dp, p.q_vec, nullptr);
+  for (int i = threadIdx.x; i < BM * L.ldo; i += kThreads) o_s[i] = 0.f;
+  if constexpr (TC) {
+    for (int i = threadIdx.x; i < BM * L.ldp; i += kThreads) p_s[i] = from_float<TS>(0.f);
+  }
+  for (int i = threadIdx.x; i < BM; i += kThreads) {
+    m_s[i] = -INFINITY;
+    l_s[i] = 0.f;
+    alpha_s[i] = 1.f;
+  }
+  const TK* kbase = reinterpret_cast<const TK*>(p.keys.ptr) + b * p.keys.sb + h * p.keys.sh;
+  const TK* vbase = reinterpret_cast<const TK*>(p.values.ptr) + b * p.values.sb + h * p.values.sh;
+  const bool* mrow = p.mask != nullptr ? p.mask + (int64_t)b * p.M : nullptr;
+
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += BN) {
+    const int nvalid = (int)min64(BN, m_end - m0);
+    __syncthreads();  // the previous tile's P @ V has finished with k_s, v_s, s_s, p_s
+    for (int c = threadIdx.x; c < BN; c += kThreads)
+      valid_s[c] = (c < nvalid && (mrow == nullptr || mrow[m0 + c])) ? 1 : 0;
+    load_tile<TS, TK>(k_s, L.ldk, kbase + m0 * p.keys.sm, p.keys.sm, nvalid, BN, p.D, L.Dp, p.k_vec, nullptr);
+    __syncthreads();  // valid_s is read by the value load below
+    load_tile<TS, TK>(v_s, L.ldv, vbase + m0 * p.values.sm, p.values.sm, nvalid, BN, p.D, L.Dp, p.v_vec, valid_s);
+    score_tile<TS, TC>(q_s, L.ldq, k_s, L.ldk, s_s, L.lds, BM, BN, p.D, L.Dp);
+    __syncthreads();
+    // online softmax, warp w owns rows w, w + 8, ... (base 2: x = score * scale * log2(e))
+    for (int r = warp; r < rows; r += kWarps) {
+      const int64_t lim = p.causal_lq > 0 ? (row0 + r) % p.causal_lq + p.M - p.causal_lq : m_end;
+      float x[2];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int c = lane + 32 * t;
+        x[t] = -INFINITY;
+        if (c < BN) {
+          const float s = s_s[r * L.lds + c];
+          if (valid_s[c] && !isnan(s) && m0 + c <= lim) x[t] = s * p.scale_log2;
+        }
+        mx = fmaxf(mx, x[t]);
+      }
+      mx = warp_max(mx);
+      const float m_old = m_s[r];
+      const float m_new = fmaxf(m_old, mx);
+      float alpha = 1.f, psum = 0.f;
+      if (m_new != -INFINITY) alpha = exp2f(m_old - m_new);  // 0 when m_old is -inf
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int c = lane + 32 * t;
+        if (c < BN) {
+          const float pr = (m_new == -INFINITY) ? 0.f : exp2f(x[t] - m_new);  // exp2(-inf) = 0
+          psum += pr;
+          if constexpr (TC) {
+            p_s[r * L.ldp + c] = from_float<TS>(pr);
+          } else {
+            s_s[r * L.lds + c] = pr;
+          }
+        }
+      }
+      psum = warp_sum(psum);
+      __syncwarp();
+      if (lane == 0) {
+        m_s[r] = m_new;
+        l_s[r] = l_s[r] * alpha + psum;
+        alpha_s[r] = alpha;
+      }
+    }
+    __syncthreads();
+    // O = O * alpha + P @ V
+    if constexpr (TC) {
+      for (int e = threadIdx.x; e < rows * L.Dp; e += kThreads) {
+        const int r = e / L.Dp, d = e - r * L.Dp;
+        o_s[r * L.ldo + d] *= alpha_s[r];
+      }
+      __syncthreads();
+      using namespace nvcuda;
+      const int ncol = L.Dp / 16, nfrag = (BM / 16) * ncol;
+      for (int f = warp; f < nfrag; f += kWarps) {
+        const int fr = f / ncol, fc = f - fr * ncol;
+        if (fr * 16 >= rows) continue;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::load_matrix_sync(acc, o_s + fr * 16 * L.ldo + fc * 16, L.ldo, wmma::mem_row_major);
+        for (int kk = 0; kk < BN; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, TS, wmma::row_major> a;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, TS, wmma::row_major> bv;
+          wmma::load_matrix_sync(a, p_s + fr * 16 * L.ldp + kk, L.ldp);
+          wmma::load_matrix_sync(bv, v_s + kk * L.ldv + fc * 16, L.ldv);
+          wmma::mma_sync(acc, a, bv, acc);
+        }
+        wmma::store_matrix_sync(o_s + fr * 16 * L.ldo + fc * 16, acc, L.ldo, wmma::mem_row_major);
+      }
+    } else {
+      for (int e = threadIdx.x; e < rows * p.D; e += kThreads) {
+        const int r = e / p.D, d = e - r * p.D;
+        float acc = o_s[r * L.ldo + d] * alpha_s[r];
+        const float* pr = s_s + r * L.lds;
+        for (int c = 0; c < BN; ++c) acc = fmaf(pr[c], v_s[c * L.ldv + d], acc);
+        o_s[r * L.ldo + d] = acc;
+      }
+    }
+  }
+  __syncthreads();
+  for (int r = warp; r < rows; r += kWarps) {
+    const float m = m_s[r], l = l_s[r];
+    const bool empty = m == -INFINITY || !(l > 0.f);
+    const float inv = empty ? 0.f : 1.f / l;
+    const float lse = empty ? -INFINITY : (m + log2f(l)) * kLn2;
+    const int64_t grow = (int64_t)bh * p.N + row0 + r;
+    float* dst;
+    if (p.splits == 1) {
+      dst = p.out + grow * p.D;
+      if (lane == 0) p.lse[grow] = lse;
+    } else {
+      dst = p.part_o + (grow * p.splits + blockIdx.z) * p.D;
+      if (lane == 0) p.part_lse[grow * p.splits + blockIdx.z] = lse;
+    }
+    for (int d = lane; d < p.D; d += 32) dst[d] = empty ? 0.f : o_s[r * L.ldo + d] * inv;
+  }
+}
+
+constexpr int kRowWarps = 4;  // warps per block of the row-wise kernels below
+
+// out[row] = sum_s w_s part_o[row, s] / sum_s w_s with w_s = exp(lse_s - max lse); one warp per row.
+__global__ void __launch_bounds__(kRowWarps * 32) flash_merge_kernel(const float* part_o, const float* part_lse,
+                                                                     int splits, int D, int64_t rows, float* out,
+                                                                     float* lse) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = (int64_t)blockIdx.x * kRowWarps + warp;
+  if (row >= rows) return;
+  const float* pl = part_lse + row * splits;
+  float mx = -INFINITY;
+  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, pl[s]);
+  mx = warp_max(mx);
+  float* o = out + row * D;
+  if (mx == -INFINITY) {
+    for (int d = lane; d < D; d += 32) o[d] = 0.f;
+    if (lane == 0) lse[row] = -INFINITY;
+    return;
+  }
+  float total = 0.f;
+  for (int s = 0; s < splits; ++s) total += (pl[s] == -INFINITY) ? 0.f : expf(pl[s] - mx);
+  for (int d = lane; d < D; d += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      if (pl[s] == -INFINITY) continue;
+      acc = fmaf(expf(pl[s] - mx), part_o[(row * splits + s) * D + d], acc);
+    }
+    o[d] = acc / total;
+  }
+  if (lane == 0) lse[row] = mx + logf(total);
+}
+
+// Softmax over a row's selected slots, one warp per row; lanes split the head dim (D <= 256).
+template <typename TV>
+__global__ void __launch_bounds__(kRowWarps * 32) gather_attention_kernel(const GatherParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = (int64_t)blockIdx.x * kRowWarps + warp;
+  if (row >= (int64_t)p.B * p.H * p.N) return;
+  const int64_t bh = row / p.N;
+  const int b = (int)(bh / p.H), h = (int)(bh - (int64_t)b * p.H);
+  const float* sc = p.scores + row * p.k;
+  const int64_t* ix = p.indices + row * p.k;
+  auto logit = [&](int j) -> float {
+    const int64_t i = ix[j];
+    const float x = sc[j] * p.scale_log2;
+    return (i >= 0 && i < p.M && !isnan(x)) ? x : -INFINITY;
+  };
+  float mx = -INFINITY;
+  for (int j = lane; j < p.k; j += 32) mx = fmaxf(mx, logit(j));
+  mx = warp_max(mx);
+  float* o = p.out + row * p.D;
+  if (mx == -INFINITY) {
+    for (int d = lane; d < p.D; d += 32) o[d] = 0.f;
+    if (lane == 0) p.lse[row] = -INFINITY;
+    return;
+  }
+  const TV* vbase = reinterpret_cast<const TV*>(p.values.ptr) + b * p.values.sb + h * p.values.sh;
+  constexpr int kMaxPerLane = 256 / 32;
+  float acc[kMaxPerLane];
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) acc[t] = 0.f;
+  float total = 0.f;
+  for (int j = 0; j < p.k; ++j) {  // every lane walks every slot: the logit loads are broadcasts
+    const float x = logit(j);
+    if (x == -INFINITY) continue;
+    const float w = exp2f(x - mx);
+    total += w;
+    const TV* v = vbase + ix[j] * p.values.sm;
+#pragma unroll
+    for (int t = 0; t < kMaxPerLane; ++t) {
+      const int d = lane + 32 * t;
+      if (d < p.D) acc[t] = fmaf(w, to_float<TV>(v[d]), acc[t]);
+    }
+  }
+  const float inv = 1.f / total;
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) {
+    const int d = lane + 32 * t;
+    if (d < p.D) o[d] = acc[t] * inv;
+  }
+  if (lane == 0) p.lse[row] = (mx + log2f(total)) * kLn2;
+}
+
+template <typename TK, bool TC>
+cudaError_t launch_flash_typed(const FlashParams& p, cudaStream_t stream) {
+  auto kernel = flash_scan_kernel<TK, TC>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((unsigned)cdiv64(p.N, p.bm), (unsigned)(p.B * p.H), (unsigned)p.splits);
+  kernel<<<grid, kThreads, p.smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool flash_plan(FlashParams& p, const DeviceLimits& lim, const char** why) {
+  const int esz = p.tc ? 2 : 4;
+  int first = 16;
+  while (first < 64 && first < p.N) first *= 2;
+  p.bm = 0;
+  for (int bn = 64; bn >= 32 && p.bm == 0; bn /= 2) {
+    for (int bm = first; bm >= 16; bm /= 2) {
+      const size_t smem = flash_layout(bm, bn, p.D, p.tc, esz).total;
+      if (smem <= (size_t)lim.smem_optin) {
+        p.bm = bm;
+        p.bn = bn;
+        p.smem = smem;
+        break;
+      }
+    }
+  }
+  if (p.bm == 0) {
+    *why = "the attention kernel's shared memory does not fit this device";
+    return false;
+  }
+  const int64_t base = cdiv64(p.N, p.bm) * p.B * p.H;
+  const int64_t tiles = cdiv64(std::max<int64_t>(p.M, 1), p.bn);
+  int64_t splits = cdiv64(4LL * lim.num_sms, std::max<int64_t>(base, 1));
+  if (p.causal_lq > 0) splits = 1;  // local part: short key ranges, and causal tiles end early
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles / 8, 256}));
+  p.split_len = cdiv64(tiles, splits) * p.bn;
+  p.splits = (int)std::max<int64_t>(1, cdiv64(p.M, p.split_len));
+  return true;
+}
+
+cudaError_t flash_scan_launch(const FlashParams& p, cudaStream_t stream) {
+  cudaError_t err;
+  switch (p.dtype) {
+    case DType::kFloat16:
+      err = p.tc ? launch_flash_typed<__half, true>(p, stream) : launch_flash_typed<__half, false>(p, stream);
+      break;
+    case DType::kBFloat16:
+      err = p.tc ? launch_flash_typed<__nv_bfloat16, true>(p, stream)
+                 : launch_flash_typed<__nv_bfloat16, false>(p, stream);
+      break;
+    default:
+      err = launch_flash_typed<float, false>(p, stream);
+      break;
+  }
+  if (err != cudaSuccess || p.splits == 1) return err;
+  const int64_t rows = (int64_t)p.B * p.H * p.N;
+  flash_merge_kernel<<<(unsigned)cdiv64(rows, kRowWarps), kRowWarps * 32, 0, stream>>>(
+      p.part_o, p.part_lse, p.splits, p.D, rows, p.out, p.lse);
+  return cudaGetLastError();
+}
+
+cudaError_t gather_attention_launch(const GatherParams& p, cudaStream_t stream) {
+  const int64_t rows = (int64_t)p.B * p.H * p.N;
+  const unsigned blocks = (unsigned)cdiv64(rows, kRowWarps);
+  switch (p.dtype) {
+    case DType::kFloat16:
+      gather_attention_kernel<__half><<<blocks, kRowWarps * 32, 0, stream>>>(p);
+      break;
+    case DType::kBFloat16:
+      gather_attention_kernel<__nv_bfloat16><<<blocks, kRowWarps * 32, 0, stream>>>(p);
+      break;
+    default:
+      gather_attention_kernel<float><<<blocks, kRowWarps * 32, 0, stream>>>(p);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace fot_cuda

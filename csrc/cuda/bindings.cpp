@@ -1,0 +1,298 @@
+// fot_cuda: torch custom-op schemas, input checks and launches of the CUDA kernels.
+//
+//   fot_cuda::knn_scan(query, mem_keys, mem_lengths?, mem_mask?, k) -> (scores, indices)
+//   fot_cuda::flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq) -> (out, lse)
+//   fot_cuda::gather_attention(scores, indices, values, scale) -> (out, lse)
+//
+// Same signatures and semantics as the fot_cpu ops (csrc/cpu/fot_cpu.cpp): query rows
+// [B, Hkv, N, D] (N = G * Lq stacked query heads of one kv head), memory [B, Hkv, M, D] with
+// stride(-1) == 1 and any other strides. Dtypes: memory float32 / float16 / bfloat16; the query
+// is float32 (exact fp32 products, SIMT) or the memory's own fp16/bf16 dtype (tensor cores).
+// Outputs: scores float32 / indices int64 [B, Hkv, N, k]; out float32 [B, Hkv, N, D], lse float32
+// [B, Hkv, N]. The Python backend (fot_kernels/backends/cuda.py) registers the fake kernels.
+#ifndef FOT_CUDA_NO_PYTHON_MODULE  // defined only by tests/test_cuda_compile.py where Python.h is missing
+#include <Python.h>
+#endif
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "fot_cuda.h"
+
+#define CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
+#define CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have ", (n), " dims, got shape ", (x).sizes())
+#define CHECK_SHAPE(x, ...)                                                                       \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ \
+              ") = ", at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+#define CHECK_LAST_CONTIGUOUS(x) \
+  TORCH_CHECK((x).size(-1) <= 1 || (x).stride(-1) == 1, #x " must have stride(-1) == 1, got strides ", (x).strides())
+#define CHECK_SAME_DEVICE(x, ref) \
+  TORCH_CHECK((x).device() == (ref).device(), #x " must be on " #ref "'s device ", (ref).device(), ", got ", (x).device())
+#define CHECK_MEM_DTYPE(x)                                                                             \
+  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kBFloat16 ||                 \
+                  (x).scalar_type() == at::kHalf,                                                      \
+              #x " must be float32, bfloat16 or float16, got ", (x).scalar_type())
+#define CHECK_CUDA_OK(err, what) \
+  TORCH_CHECK((err) == cudaSuccess, "fot_cuda: ", what, " failed: ", cudaGetErrorString(err))
+
+namespace fot_cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return DType::kFloat32;
+  }
+}
+
+MemRef mem_ref(const at::Tensor& t) { return MemRef{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// The widest vector load (16, 8 or 4 bytes; 0: scalar) such that the head dim, every row stride
+// and the base pointer are multiples of it.
+int vec_bytes(const at::Tensor& t) {
+  const int64_t esz = (int64_t)t.element_size();
+  for (int64_t w : {16, 8, 4}) {
+    if (w < esz || (t.size(-1) * esz) % w != 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % w != 0) continue;
+    bool ok = true;
+    for (int64_t d = 0; d + 1 < t.dim(); ++d)
+      if (t.size(d) > 1 && (t.stride(d) * esz) % w != 0) ok = false;
+    if (ok) return (int)w;
+  }
+  return 0;
+}
+
+DeviceLimits device_limits(const at::Tensor& t) {
+  DeviceLimits lim{};
+  const int dev = t.get_device();
+  CHECK_CUDA_OK(cudaDeviceGetAttribute(&lim.num_sms, cudaDevAttrMultiProcessorCount, dev), "reading the SM count");
+  CHECK_CUDA_OK(cudaDeviceGetAttribute(&lim.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                "reading the shared-memory limit");
+  return lim;
+}
+
+// query [B, H, N, D]: float32, or fp16/bf16 equal to the memory dtype. Returns true for the
+// tensor-core path.
+bool check_query_mem(const at::Tensor& query, const at::Tensor& mem, const char* mem_name) {
+  CHECK_CUDA(query);
+  CHECK_DIM(query, 4);
+  CHECK_MEM_DTYPE(query);
+  TORCH_CHECK(mem.device() == query.device(), mem_name, " must be on query's device ", query.device(), ", got ",
+              mem.device());
+  TORCH_CHECK(mem.dim() == 4, mem_name, " must have 4 dims, got shape ", mem.sizes());
+  TORCH_CHECK(mem.scalar_type() == at::kFloat || mem.scalar_type() == at::kBFloat16 || mem.scalar_type() == at::kHalf,
+              mem_name, " must be float32, bfloat16 or float16, got ", mem.scalar_type());
+  TORCH_CHECK(mem.size(0) == query.size(0) && mem.size(1) == query.size(1) && mem.size(3) == query.size(3),
+              mem_name, " must have shape [B, Hkv, M, D] matching query ", query.sizes(), ", got ", mem.sizes());
+  TORCH_CHECK(mem.size(3) <= 1 || mem.stride(3) == 1, mem_name, " must have stride(-1) == 1, got strides ",
+              mem.strides());
+  TORCH_CHECK(query.size(3) >= 1 && query.size(3) <= 256, "query head dim must be in [1, 256], got ", query.size(3));
+  TORCH_CHECK(mem.size(2) <= std::numeric_limits<int32_t>::max(), mem_name, " must have at most 2^31 - 1 slots, got ",
+              mem.size(2));
+  TORCH_CHECK(query.size(0) * query.size(1) <= 65535, "B * Hkv must be <= 65535, got shape ", query.sizes());
+  const bool tc = query.scalar_type() != at::kFloat;
+  TORCH_CHECK(!tc || query.scalar_type() == mem.scalar_type(), "query must be float32 or have ", mem_name,
+              "'s dtype ", mem.scalar_type(), ", got ", query.scalar_type());
+  return tc;
+}
+
+// mem_lengths: int64 [B] (any integer dtype is converted); mem_mask: bool [B, M].
+void check_validity(const c10::optional<at::Tensor>& mem_lengths, const c10::optional<at::Tensor>& mem_mask,
+                    const at::Tensor& query, int64_t B, int64_t M, at::Tensor& lengths, at::Tensor& mask) {
+  if (mem_lengths.has_value() && mem_lengths->defined()) {
+    const at::Tensor& l = *mem_lengths;
+    TORCH_CHECK(l.device() == query.device(), "mem_lengths must be on query's device ", query.device(), ", got ",
+                l.device());
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == B, "mem_lengths must have shape (B,) = (", B, "), got ", l.sizes());
+    TORCH_CHECK(at::isIntegralType(l.scalar_type(), /*includeBool=*/false), "mem_lengths must be an integer tensor, got ",
+                l.scalar_type());
+    lengths = l.to(at::kLong).contiguous();
+  }
+  if (mem_mask.has_value() && mem_mask->defined()) {
+    const at::Tensor& m = *mem_mask;
+    TORCH_CHECK(m.device() == query.device(), "mem_mask must be on query's device ", query.device(), ", got ",
+                m.device());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == M, "mem_mask must have shape (B, M) = (", B, ", ", M,
+                "), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool, "mem_mask must be bool, got ", m.scalar_type());
+    mask = m.contiguous();
+  }
+}
+
+const int64_t* lengths_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<int64_t>() : nullptr; }
+const bool* mask_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<bool>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at::Tensor& mem_keys,
+                                            const c10::optional<at::Tensor>& mem_lengths,
+                                            const c10::optional<at::Tensor>& mem_mask, int64_t k) {
+  const bool tc = check_query_mem(query_in, mem_keys, "mem_keys");
+  TORCH_CHECK(k >= 1 && k <= kMaxK, "k must be in [1, ", kMaxK, "] for the CUDA kNN scan, got ", k);
+  const c10::cuda::CUDAGuard guard(query_in.device());
+  const at::Tensor query = query_in.contiguous();
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3), M = mem_keys.size(2);
+  at::Tensor lengths, mask;
+  check_validity(mem_lengths, mem_mask, query, B, M, lengths, mask);
+  at::Tensor scores = at::empty({B, H, N, k}, query.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({B, H, N, k}, query.options().dtype(at::kLong));
+  if (B * H * N == 0) return {scores, indices};
+
+  KnnParams p{};
+  p.q = query.data_ptr();
+  p.keys = mem_ref(mem_keys);
+  p.lengths = lengths_ptr(lengths);
+  p.mask = mask_ptr(mask);
+  p.B = (int)B;
+  p.H = (int)H;
+  p.N = (int)N;
+  p.D = (int)D;
+  p.k = (int)k;
+  p.M = M;
+  p.dtype = dtype_of(mem_keys);
+  p.tc = tc;
+  p.q_vec = vec_bytes(query);
+  p.k_vec = M > 0 ? vec_bytes(mem_keys) : 0;
+  p.out_s = scores.data_ptr<float>();
+  p.out_i = indices.data_ptr<int64_t>();
+  const char* why = "";
+  TORCH_CHECK(knn_plan(p, device_limits(query), &why), "fot_cuda::knn_scan: ", why);
+  at::Tensor part;
+  if (p.splits > 1) {
+    part = at::empty({B * H * N, (int64_t)p.splits, k}, query.options().dtype(at::kLong));
+    p.part = reinterpret_cast<uint64_t*>(part.data_ptr<int64_t>());
+  }
+  CHECK_CUDA_OK(knn_scan_launch(p, c10::cuda::getCurrentCUDAStream()), "knn_scan launch");
+  return {scores, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const at::Tensor& keys,
+                                              const at::Tensor& values, const c10::optional<at::Tensor>& mem_lengths,
+                                              const c10::optional<at::Tensor>& mem_mask, double scale,
+                                              int64_t causal_lq) {
+  const bool tc = check_query_mem(query_in, keys, "keys");
+  check_query_mem(query_in, values, "values");
+  TORCH_CHECK(values.sizes() == keys.sizes(), "values must have the shape of keys ", keys.sizes(), ", got ",
+              values.sizes());
+  TORCH_CHECK(values.scalar_type() == keys.scalar_type(), "values must have keys' dtype ", keys.scalar_type(),
+              ", got ", values.scalar_type());
+  TORCH_CHECK(causal_lq >= 0, "causal_lq must be >= 0, got ", causal_lq);
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  const c10::cuda::CUDAGuard guard(query_in.device());
+  const at::Tensor query = query_in.contiguous();
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3), M = keys.size(2);
+  if (causal_lq > 0) TORCH_CHECK(N % causal_lq == 0, "query rows N=", N, " must be a multiple of causal_lq=", causal_lq);
+  at::Tensor lengths, mask;
+  check_validity(mem_lengths, mem_mask, query, B, M, lengths, mask);
+  at::Tensor out = at::empty({B, H, N, D}, query.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({B, H, N}, query.options().dtype(at::kFloat));
+  if (B * H * N == 0) return {out, lse};
+
+  FlashParams p{};
+  p.q = query.data_ptr();
+  p.keys = mem_ref(keys);
+  p.values = mem_ref(values);
+  p.lengths = lengths_ptr(lengths);
+  p.mask = mask_ptr(mask);
+  p.B = (int)B;
+  p.H = (int)H;
+  p.N = (int)N;
+  p.D = (int)D;
+  p.M = M;
+  p.causal_lq = causal_lq;
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.dtype = dtype_of(keys);
+  p.tc = tc;
+  p.q_vec = vec_bytes(query);
+  p.k_vec = M > 0 ? vec_bytes(keys) : 0;
+  p.v_vec = M > 0 ? vec_bytes(values) : 0;
+  p.out = out.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  const char* why = "";
+  TORCH_CHECK(flash_plan(p, device_limits(query), &why), "fot_cuda::flash_scan: ", why);
+  at::Tensor part_o, part_lse;
+  if (p.splits > 1) {
+    part_o = at::empty({B * H * N, (int64_t)p.splits, D}, query.options().dtype(at::kFloat));
+    part_lse = at::empty({B * H * N, (int64_t)p.splits}, query.options().dtype(at::kFloat));
+    p.part_o = part_o.data_ptr<float>();
+    p.part_lse = part_lse.data_ptr<float>();
+  }
+  CHECK_CUDA_OK(flash_scan_launch(p, c10::cuda::getCurrentCUDAStream()), "flash_scan launch");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_attention(const at::Tensor& scores, const at::Tensor& indices,
+                                                    const at::Tensor& values, double scale) {
+  CHECK_CUDA(scores);
+  CHECK_CUDA(indices);
+  CHECK_CUDA(values);
+  CHECK_SAME_DEVICE(indices, scores);
+  CHECK_SAME_DEVICE(values, scores);
+  CHECK_DIM(scores, 4);
+  CHECK_DIM(values, 4);
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, "scores must be float32, got ", scores.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
+  CHECK_MEM_DTYPE(values);
+  CHECK_LAST_CONTIGUOUS(values);
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  const int64_t B = scores.size(0), H = scores.size(1), N = scores.size(2), k = scores.size(3);
+  CHECK_SHAPE(indices, B, H, N, k);
+  TORCH_CHECK(values.size(0) == B && values.size(1) == H, "values must have shape [B, Hkv, M, D] with B=", B,
+              ", Hkv=", H, ", got ", values.sizes());
+  const int64_t M = values.size(2), D = values.size(3);
+  TORCH_CHECK(D >= 1 && D <= 256, "values head dim must be in [1, 256], got ", D);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor scores_c = scores.contiguous();
+  const at::Tensor indices_c = indices.contiguous();
+  at::Tensor out = at::empty({B, H, N, D}, scores.options());
+  at::Tensor lse = at::empty({B, H, N}, scores.options());
+  if (B * H * N == 0) return {out, lse};
+  GatherParams p{};
+  p.scores = scores_c.data_ptr<float>();
+  p.indices = indices_c.data_ptr<int64_t>();
+  p.values = mem_ref(values);
+  p.B = (int)B;
+  p.H = (int)H;
+  p.N = (int)N;
+  p.D = (int)D;
+  p.k = (int)k;
+  p.M = M;
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.dtype = dtype_of(values);
+  p.out = out.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  CHECK_CUDA_OK(gather_attention_launch(p, c10::cuda::getCurrentCUDAStream()), "gather_attention launch");
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace fot_cuda
+
+TORCH_LIBRARY(fot_cuda, m) {
+  m.def("knn_scan(Tensor query, Tensor mem_keys, Tensor? mem_lengths, Tensor? mem_mask, int k) -> (Tensor, Tensor)");
+  m.def(
+      "flash_scan(Tensor query, Tensor keys, Tensor values, Tensor? mem_lengths, Tensor? mem_mask, float scale, "
+      "int causal_lq) -> (Tensor, Tensor)");
+  m.def("gather_attention(Tensor scores, Tensor indices, Tensor values, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fot_cuda, CUDA, m) {
+  m.impl("knn_scan", &fot_cuda::knn_scan);
+  m.impl("flash_scan", &fot_cuda::flash_scan);
+  m.impl("gather_attention", &fot_cuda::gather_attention);
+}
+
+// `import fot_kernels._C` loads this library, which runs the registrations above; the module
+// itself is empty (the ops live under torch.ops.fot_cuda).
+#ifndef FOT_CUDA_NO_PYTHON_MODULE
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif

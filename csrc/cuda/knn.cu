@@ -1,0 +1,237 @@
+// fot_cuda kNN scan: fused score tile + on-chip exact top-k, memory split across blocks, and the
+// merge of the splits' sorted lists. See csrc/cuda/README.md for the invariants.
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace fot_cuda {
+namespace {
+
+constexpr int kBN = 64;  // memory slots per tile
+constexpr int kCB = 64;  // candidate buffer entries per row (flushed into the top list when full)
+constexpr int kKT = kMaxK / 32;
+
+struct KnnLayout {
+  int Dp, ldq, ldk, lds, K32;
+  size_t off_q, off_k, off_s, off_valid, off_top, off_cand, off_cnt, off_thr, total;
+};
+
+// Shared-memory layout of one block, computed identically on the host (plan) and the device.
+__host__ __device__ inline KnnLayout knn_layout(int BM, int D, int k, bool tc, int esz) {
+  KnnLayout L;
+  L.Dp = round_up(D < 1 ? 1 : D, 16);
+  L.ldq = L.ldk = tc ? L.Dp + 8 : L.Dp + 1;
+  L.lds = kBN + 4;
+  L.K32 = round_up(k, 32);
+  size_t o = 0;
+  L.off_q = o;
+  o = align_up(o + (size_t)BM * L.ldq * esz, 128);
+  L.off_k = o;
+  o = align_up(o + (size_t)kBN * L.ldk * esz, 128);
+  L.off_s = o;
+  o = align_up(o + (size_t)BM * L.lds * sizeof(float), 128);
+  L.off_valid = o;
+  o = align_up(o + kBN, 128);
+  L.off_top = o;
+  o = align_up(o + (size_t)BM * L.K32 * sizeof(uint64_t), 128);
+  L.off_cand = o;
+  o = align_up(o + (size_t)BM * kCB * sizeof(uint64_t), 128);
+  L.off_cnt = o;
+  o = align_up(o + (size_t)BM * sizeof(int), 128);
+  L.off_thr = o;
+  o = align_up(o + (size_t)BM * sizeof(uint64_t), 128);
+  L.total = o;
+  return L;
+}
+
+// Empties row r's candidate buffer into its top list (one warp).
+__device__ __forceinline__ void flush_row(uint64_t* cand, int& cnt, uint64_t* top, int k, uint64_t& thr, int lane) {
+  for (int i = lane; i < kCB; i += 32)
+    if (i >= cnt) cand[i] = 0;
+  __syncwarp();
+  warp_sort_desc<kCB>(cand, lane);
+  warp_merge_into_top<kKT, kCB / 32>(top, k, cand, cnt, lane);
+  thr = top[k - 1];  // the k-th best so far (0 while fewer than k: everything is taken)
+  cnt = 0;
+}
+
+// grid (row tiles, B*H, splits), kThreads threads, dynamic shared memory knn_layout(...).total
+template <typename TK, bool TC>
+__global__ void __launch_bounds__(kThreads, 2) knn_scan_kernel(const KnnParams p) {
+  using TS = typename std::conditional<TC, TK, float>::type;  // tile storage / product type
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int BM = p.bm;
+  const KnnLayout L = knn_layout(BM, p.D, p.k, TC, (int)sizeof(TS));
+  TS* q_s = reinterpret_cast<TS*>(smem + L.off_q);        // [BM][ldq]
+  TS* k_s = reinterpret_cast<TS*>(smem + L.off_k);        // [BN][ldk]
+  float* s_s = reinterpret_cast<float*>(smem + L.off_s);  // [BM][lds]
+  uint8_t* valid_s = smem + L.off_valid;                  // [BN]
+  uint64_t* top_s = reinterpret_cast<uint64_t*>(smem + L.off_top);    // [BM][K32], sorted desc
+  uint64_t* cand_s = reinterpret_cast<uint64_t*>(smem + L.off_cand);  // [BM][CB]
+  int* cnt_s = reinterpret_cast<int*>(smem + L.off_cnt);              // [BM]
+  uint64_t* thr_s = reinterpret_cast<uint64_t*>(smem + L.off_thr);    // [BM]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = blockIdx.x * BM;
+  const int bh = blockIdx.y, b = bh / p.H, h = bh - b * p.H;
+  const int rows = min(BM, p.N - row0);
+  int64_t len = p.M;
+  if (p.lengths != nullptr) len = max64(0, min64(p.M, p.lengths[b]));
+  const int64_t m_begin = (int64_t)blockIdx.z * p.split_len;
+  const int64_t m_end = min64(len, m_begin + p.split_len);
+
+  const TS* qg = reinterpret_cast<const TS*>(p.q) + ((int64_t)bh * p.N + row0) * p.D;
+  load_tile<TS, TS>(q_s, L.ldq, qg, p.D, rows, BM, p.D, L.Dp, p.q_vec, nullptr);
+  for (int i = threadIdx.x; i < BM * L.K32; i += kThreads) top_s[i] = 0;
+  for (int i = threadIdx.x; i < BM; i += kThreads) {
+    cnt_s[i] = 0;
+    thr_s[i] = 0;
+  }
+  const TK* kbase = reinterpret_cast<const TK*>(p.keys.ptr) + b * p.keys.sb + h * p.keys.sh;
+  const bool* mrow = p.mask != nullptr ? p.mask + (int64_t)b * p.M : nullptr;
+
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kBN) {
+    const int nvalid = (int)min64(kBN, m_end - m0);
+    __syncthreads();  // the previous tile's selection has finished reading s_s / valid_s
+    load_tile<TS, TK>(k_s, L.ldk, kbase + m0 * p.keys.sm, p.keys.sm, nvalid, kBN, p.D, L.Dp, p.k_vec, nullptr);
+    for (int c = threadIdx.x; c < kBN; c += kThreads)
+      valid_s[c] = (c < nvalid && (mrow == nullptr || mrow[m0 + c])) ? 1 : 0;
+    __syncthreads();
+    score_tile<TS, TC>(q_s, L.ldq, k_s, L.ldk, s_s, L.lds, BM, kBN, p.D, L.Dp);
+    __syncthreads();
+    // selection: warp w owns rows w, w + 8, ...; a score is a candidate if its slot is valid,
+    // it is not NaN, and its key beats the row's current k-th best
+    for (int r = warp; r < rows; r += kWarps) {
+      uint64_t thr = thr_s[r];
+      int cnt = cnt_s[r];
+      for (int c0 = 0; c0 < kBN; c0 += 32) {
+        if (cnt + 32 > kCB) flush_row(cand_s + r * kCB, cnt, top_s + r * L.K32, p.k, thr, lane);
+        const int c = c0 + lane;
+        const float s = s_s[r * L.lds + c];
+        const uint64_t key = pack_key(s, m0 + c);
+        const bool take = valid_s[c] && !isnan(s) && key > thr;
+        const unsigned ballot = __ballot_sync(kFull, take);
+        if (take) cand_s[r * kCB + cnt + __popc(ballot & ((1u << lane) - 1u))] = key;
+        cnt += __popc(ballot);
+      }
+      __syncwarp();
+      if (lane == 0) {
+        thr_s[r] = thr;
+        cnt_s[r] = cnt;
+      }
+    }
+  }
+  __syncthreads();
+  for (int r = warp; r < rows; r += kWarps) {
+    uint64_t thr = thr_s[r];
+    int cnt = cnt_s[r];
+    uint64_t* top = top_s + r * L.K32;
+    if (cnt > 0) flush_row(cand_s + r * kCB, cnt, top, p.k, thr, lane);
+    const int64_t grow = (int64_t)bh * p.N + row0 + r;
+    if (p.splits == 1) {
+      for (int j = lane; j < p.k; j += 32) {
+        float s;
+        int64_t slot;
+        unpack_key(top[j], s, slot);
+        p.out_s[grow * p.k + j] = s;
+        p.out_i[grow * p.k + j] = slot;
+      }
+    } else {
+      uint64_t* dst = p.part + (grow * p.splits + blockIdx.z) * p.k;
+      for (int j = lane; j < p.k; j += 32) dst[j] = top[j];
+    }
+  }
+}
+
+constexpr int kMergeWarps = 4;
+
+// One warp per row folds the row's `splits` sorted lists into the top k and unpacks them.
+__global__ void __launch_bounds__(kMergeWarps * 32) knn_merge_kernel(const uint64_t* part, int splits, int k,
+                                                                     int64_t rows, float* out_s, int64_t* out_i) {
+  __shared__ uint64_t buf[kMergeWarps][2][kMaxK];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = (int64_t)blockIdx.x * kMergeWarps + warp;
+  if (row >= rows) return;  // warp-uniform; no block-wide barrier below
+  uint64_t* top = buf[warp][0];
+  uint64_t* other = buf[warp][1];
+  const uint64_t* src = part + row * splits * k;
+  for (int j = lane; j < k; j += 32) top[j] = src[j];
+  __syncwarp();
+  for (int s = 1; s < splits; ++s) {
+    for (int j = lane; j < k; j += 32) other[j] = src[(int64_t)s * k + j];
+    __syncwarp();
+    warp_merge_into_top<kKT, kKT>(top, k, other, k, lane);
+  }
+  for (int j = lane; j < k; j += 32) {
+    float sc;
+    int64_t slot;
+    unpack_key(top[j], sc, slot);
+    out_s[row * k + j] = sc;
+    out_i[row * k + j] = slot;
+  }
+}
+
+template <typename TK, bool TC>
+cudaError_t launch_typed(const KnnParams& p, cudaStream_t stream) {
+  auto kernel = knn_scan_kernel<TK, TC>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((unsigned)cdiv64(p.N, p.bm), (unsigned)(p.B * p.H), (unsigned)p.splits);
+  kernel<<<grid, kThreads, p.smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool knn_plan(KnnParams& p, const DeviceLimits& lim, const char** why) {
+  if (p.k < 1 || p.k > kMaxK) {
+    *why = "k must be in [1, 256] for the CUDA kNN scan";
+    return false;
+  }
+  const int esz = p.tc ? 2 : 4;
+  int first = 16;
+  while (first < 64 && first < p.N) first *= 2;  // smallest row tile that holds all N rows
+  p.bm = 0;
+  for (int bm = first; bm >= 16; bm /= 2) {
+    const size_t smem = knn_layout(bm, p.D, p.k, p.tc, esz).total;
+    if (smem <= (size_t)lim.smem_optin) {
+      p.bm = bm;
+      p.smem = smem;
+      break;
+    }
+  }
+  if (p.bm == 0) {
+    *why = "the kNN scan's shared memory does not fit this device";
+    return false;
+  }
+  // Split the memory so that about 4 blocks per SM are in flight, each scanning >= 8 tiles.
+  const int64_t base = cdiv64(p.N, p.bm) * p.B * p.H;
+  const int64_t tiles = cdiv64(std::max<int64_t>(p.M, 1), kBN);
+  int64_t splits = cdiv64(4LL * lim.num_sms, std::max<int64_t>(base, 1));
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles / 8, 256}));
+  p.split_len = cdiv64(tiles, splits) * kBN;
+  p.splits = (int)std::max<int64_t>(1, cdiv64(p.M, p.split_len));
+  return true;
+}
+
+cudaError_t knn_scan_launch(const KnnParams& p, cudaStream_t stream) {
+  cudaError_t err;
+  switch (p.dtype) {
+    case DType::kFloat16:
+      err = p.tc ? launch_typed<__half, true>(p, stream) : launch_typed<__half, false>(p, stream);
+      break;
+    case DType::kBFloat16:
+      err = p.tc ? launch_typed<__nv_bfloat16, true>(p, stream) : launch_typed<__nv_bfloat16, false>(p, stream);
+      break;
+    default:
+      err = launch_typed<float, false>(p, stream);
+      break;
+  }
+  if (err != cudaSuccess || p.splits == 1) return err;
+  const int64_t rows = (int64_t)p.B * p.H * p.N;
+  knn_merge_kernel<<<(unsigned)cdiv64(rows, kMergeWarps), kMergeWarps * 32, 0, stream>>>(p.part, p.splits, p.k, rows,
+                                                                                          p.out_s, p.out_i);
+  return cudaGetLastError();
+}
+
+}  // namespace fot_cuda
