@@ -237,3 +237,22 @@ def test_unsupported_reasons(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         assert any("TRITON_INTERPRET" in r for r in TB.unsupported_reasons("knn_topk", q, mk, topk=4))
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_invalid_slot_with_nan_value_does_not_poison(poison_empty, topk):
+    """Unused store capacity may hold anything: an invalid slot (masked, or past mem_lengths)
+    whose key and value are NaN contributes exactly nothing."""
+    c = make_case(q_heads=2, kv_heads=2, len_q=6, len_k=6, slots=64, head_dim=16, mask=True, lengths=True,
+                  device=DEVICE)  # fmt: skip
+    c.mem_mask[0, :3] = False
+    c.mem_lengths[0] = 50
+    run = lambda: ops.memory_attention(c.query, c.key, c.value, c.mem_keys, c.mem_values, topk=topk,  # noqa: E731
+                                      backend="triton", **c.memory_kwargs())  # fmt: skip
+    clean = run()
+    for slot in (1, 55):  # masked; beyond mem_lengths
+        c.mem_values[0, :, slot] = float("nan")
+        c.mem_keys[0, :, slot] = float("nan")
+    out = run()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, clean, rtol=0, atol=0)

@@ -100,13 +100,14 @@ def _attn_fwd_kernel(
                 offs_nk = offs_n
             b_kt = tl.load(p_mk + offs_nk[None, :] * smkm + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
             b_s = tile_dot(b_q, b_kt, tl.zeros([BM, BN], tl.float32), MEM_FP32, INTERPRET)  # [BM, BN]
-            ok = n_ok
+            slot_ok = n_ok  # [BN] valid slots
             if HAS_MASK:
-                ok = ok & (tl.load(MMASK + b.to(tl.int64) * smask_b + offs_nk * smask_m, mask=n_ok, other=0) != 0)
-            ok = ok[None, :] & row_ok[:, None] & (b_s == b_s)  # NaN scores are dropped like masked slots
+                slot_ok = slot_ok & (tl.load(MMASK + b.to(tl.int64) * smask_b + offs_nk * smask_m, mask=n_ok, other=0) != 0)
+            ok = slot_ok[None, :] & row_ok[:, None] & (b_s == b_s)  # NaN scores are dropped like masked slots
             b_s = tl.where(ok, b_s * qk_scale, float("-inf"))
             m_i, l_i, alpha, b_p = _softmax_step(b_s, m_i, l_i)
-            b_v = tl.load(p_mv + offs_nk[:, None] * smvm + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
+            # values of invalid slots are read as 0: their weight 0 must not meet a NaN in unused capacity
+            b_v = tl.load(p_mv + offs_nk[:, None] * smvm + offs_d[None, :], mask=slot_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
             if not MEM_FP32:
                 b_p = b_p.to(b_v.dtype)
             acc = tile_dot(b_p, b_v, acc * alpha[:, None], MEM_FP32, INTERPRET)
