@@ -185,13 +185,22 @@ def csv_row(info: dict[str, str], config: dict, **fields: object) -> dict[str, o
     return row
 
 
-def write_csv(path: Path, rows: Iterable[dict[str, object]]) -> None:
+def write_csv(path: Path, rows: Iterable[dict[str, object]], fields: Sequence[str] = CSV_FIELDS) -> None:
+    """Write ``rows`` with the columns ``fields`` (default :data:`CSV_FIELDS`; a script may append
+    columns of its own, e.g. bench_gpu.py's triton/CUDA versions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
+
+
+def parse_size(text: str) -> int:
+    """A count with an optional binary suffix: '64k' -> 65536, '1M' -> 1048576, '1000' -> 1000."""
+    text = text.strip()
+    mult = {"k": 2**10, "m": 2**20}.get(text[-1].lower(), 1)
+    return int(float(text[:-1] if mult > 1 else text) * mult)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

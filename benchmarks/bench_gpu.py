@@ -1,178 +1,279 @@
-"""GPU benchmark of the Triton backend (issue 3).
+"""GPU benchmark of the package's GPU backends (Triton and CUDA C++) against PyTorch/cuBLAS baselines.
 
-Compares, on one CUDA device and in one run:
-- ``knn_topk``: the fused Triton scan against (a) the unfused PyTorch pipeline (cuBLAS bf16 scores
-  chunked over M, ``torch.topk`` per chunk, top-k merge) and a cuBLAS bf16 matmul of the same shape
-  (the scoring product alone: the throughput ceiling), reporting TFLOP/s of the scoring product
-  (2 * B * Hq * Lq * M * D) and its ratio to that matmul;
-- ``knn_attention`` (memory part, kNN mode): fused (scan + gather attention) against the unfused
-  pipeline (chunked scores, topk, gather, softmax);
-- ``dense_attention`` (the released LongLLaMA mode, ``topk=None``, non-causal over
-  [local | memory]): Triton against torch SDPA's flash backend on the concatenated keys (where it
-  fits) and against the LongLLaMA-style chunked computation in PyTorch; TFLOP/s =
-  4 * B * Hq * Lq * (Lk + M) * D / t.
+One run on one CUDA device, bf16, per point (D in --dim, Lq in --lq, M in --m, k in --k):
 
-Medians and 20/80 percentiles come from ``triton.testing.do_bench``; peak memory from
-``torch.cuda.max_memory_allocated`` minus the inputs. One CSV row per measurement, in the Liger
-schema: kernel, provider, mode, metric, unit, x_name, x_value, median, p20, p80, config, device,
-timestamp, git_commit, torch_version, triton_version. A PNG per kernel plots the medians.
+- ``knn_topk``: every GPU backend; ``torch_unfused`` (cuBLAS bf16 scores per memory chunk,
+  ``torch.topk`` per chunk, running top-k merge); ``cublas_bf16_matmul``, the scoring product
+  alone (the throughput ceiling). TFLOP/s = 2 * B * Hq * Lq * M * D / t, and per backend a
+  ``ratio_to_cublas`` row (matmul time / backend time; goal >= 0.6).
+- ``knn_attention`` (memory part, kNN mode): every GPU backend; ``torch_unfused`` (chunked scores,
+  top-k, gather, softmax). TFLOP/s of the scoring product.
+- ``dense_attention`` (the released LongLLaMA mode: ``topk=None``, non-causal over
+  [local | memory]): every GPU backend; ``torch_longllama`` (fp32 logits per memory chunk, joint
+  softmax through a running log-sum-exp); ``sdpa_flash_concat`` (torch SDPA, flash backend, on the
+  concatenated keys, where they fit and D allows). TFLOP/s = 4 * B * Hq * Lq * (Lk + M) * D / t.
+- decode (Lq = 1): bandwidth of every backend (bytes of memory it must read once: the keys, plus
+  the values in dense mode, / t) and ``bandwidth_ratio_to_copy`` rows against ``d2d_copy_keys``, a
+  device-to-device copy of the keys measured in the same run ((read + written bytes) / t; goal
+  >= 0.7).
 
-Before timing anything the script checks the Triton backend against the reference at small
-shapes and refuses to report numbers when that check fails.
+GPU backends: ``triton`` (``fot_kernels.backends.triton``) and ``cuda``
+(``fot_kernels.backends.cuda``, only when its extension is built: ``extension_status()`` is None;
+else the reason is printed). Before timing, every backend passes a correctness gate (small shapes
+against the float64 reference, every mode benchmarked); a backend failing it is left out of the
+timings, its failures are printed, and the run exits with status 1. Points whose memory keys and
+values exceed the budget (--max-gib, default 60% of the GPU) are skipped; each baseline chunks the
+memory so that one chunk's score block stays under --score-gib and only one chunk's output is
+alive at a time.
 
-    python benchmarks/bench_gpu.py --out benchmarks/results/h100          # full sweep
-    python benchmarks/bench_gpu.py --out /tmp/b --quick                    # a few points
+Medians and 20/80 percentiles from ``triton.testing.do_bench`` (CUDA events); peak memory from
+``torch.cuda.max_memory_allocated`` minus what was allocated before the call. Output in --out:
+``bench_gpu.csv`` (one row per measurement, benchmarks/_common.py's Liger schema plus
+triton_version and cuda_version; rewritten after every point) and ``bench_gpu_<kernel>.png``
+(median time against M, a panel per (D, Lq)). Exit status: 0; 1 if a correctness gate failed, a
+backend raised during timing, or a backend named in --providers is unavailable; 2 without a CUDA
+GPU (or without triton, or under TRITON_INTERPRET=1).
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/h100                 # full sweep
+    python benchmarks/bench_gpu.py --out /tmp/b --quick                           # smoke run
+    python benchmarks/bench_gpu.py --out /tmp/b --providers cuda cublas_bf16_matmul d2d_copy_keys --lq 1
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import json
-import math
+import itertools
 import os
-import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "median", "p20", "p80", "config",
-          "device", "timestamp", "git_commit", "torch_version", "triton_version"]  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+#: the package's GPU backends, by provider name (modules imported lazily: fot_kernels.backends.load)
+BACKENDS = ("triton", "cuda")
+#: the baselines, by provider name
+BASELINES = ("cublas_bf16_matmul", "torch_unfused", "torch_longllama", "sdpa_flash_concat", "d2d_copy_keys")
+PROVIDERS = BACKENDS + BASELINES
+KERNELS = ("knn_topk", "knn_attention", "dense_attention")
+#: CSV columns: the shared schema plus the GPU toolchain
+CSV_FIELDS = (*C.CSV_FIELDS, "triton_version", "cuda_version")
+
+DEFAULTS = dict(m=["16k", "64k", "256k", "1M", "4M"], lq=[1, 2048], k=[32, 128], dim=[100, 128], heads=32)
+QUICK = dict(m=["64k", "256k"], lq=[1, 512], k=[32], dim=[128], heads=8)
 
 
-def parse_size(text: str) -> int:
-    """'16k' -> 16384, '4M' -> 4194304, '1000' -> 1000."""
-    text = text.strip()
-    mult = {"k": 1024, "K": 1024, "m": 1024**2, "M": 1024**2}.get(text[-1], 1)
-    return int(text[:-1] if mult != 1 else text) * mult
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (CSV + PNG)")
-    p.add_argument("--m", nargs="+", default=["16k", "64k", "256k", "1M", "4M"], help="memory sizes M")
-    p.add_argument("--lq", nargs="+", type=int, default=[1, 2048], help="query lengths")
-    p.add_argument("--k", nargs="+", type=int, default=[32, 128], help="top-k values")
-    p.add_argument("--dim", nargs="+", type=int, default=[100, 128], help="head dims")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Providers: GPU backends " + ", ".join(BACKENDS) + "; baselines " + ", ".join(BASELINES) + ".\n"
+            "Defaults: M in {16k, 64k, 256k, 1M, 4M} x Lq in {1, 2048} x D in {100, 128}, k in {32, 128},\n"
+            "B=1, Hq=Hkv=32 (points over the memory budget are skipped with a message).\n"
+            "--quick: M in {64k, 256k}, Lq in {1, 512}, D=128, k=32, Hq=Hkv=8 (options given explicitly win).\n"
+            "Exit status: 0 ok; 1 a correctness gate failed, a backend raised while timed, or a backend\n"
+            "named in --providers is unavailable; 2 no CUDA GPU / no triton / TRITON_INTERPRET=1."
+        ),
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (bench_gpu.csv + PNGs)")
+    p.add_argument("--m", nargs="+", help="memory sizes M (suffix k/M allowed)")
+    p.add_argument("--lq", nargs="+", type=int, help="query lengths Lq")
+    p.add_argument("--k", nargs="+", type=int, help="top-k values")
+    p.add_argument("--dim", nargs="+", type=int, help="head dims D")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8, help="query heads (= kv heads unless --kv-heads)")
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--local", type=int, default=None, help="local keys for the attention benchmarks (default Lq)")
-    p.add_argument("--chunk", default="64k", help="memory chunk of the unfused PyTorch pipelines")
-    p.add_argument("--kernels", nargs="+", default=["knn_topk", "knn_attention", "dense_attention"])
+    p.add_argument("--heads", type=int, help="query heads Hq (default 32; quick 8)")
+    p.add_argument("--kv-heads", type=int, help="key/value heads Hkv (default: Hq)")
+    p.add_argument("--local", type=int, help="local keys Lk of dense_attention (default: Lq)")
+    p.add_argument("--chunk", type=C.parse_size, default=C.parse_size("64k"),
+                   help="memory chunk of the unfused PyTorch baselines (default 64k; capped by --score-gib)")  # fmt: skip
+    p.add_argument("--score-gib", type=float, default=4.0,
+                   help="largest score block of one baseline chunk, GiB (fp32 for the unfused pipelines, the "
+                        "bf16 output for the cuBLAS matmul; default 4)")  # fmt: skip
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                   help="providers to run (default: all; the cuda backend only where its extension is built)")  # fmt: skip
+    p.add_argument("--max-gib", type=float, help="skip points whose memory keys+values exceed this (default: 60%% of the GPU)")
+    p.add_argument("--skip-check", action="store_true", help="skip the correctness gates (the CSV check column then says so)")
     p.add_argument("--quick", action="store_true", help="a few small points (smoke run)")
-    p.add_argument("--max-gib", type=float, default=None, help="skip points whose inputs exceed this (default: 60%% of the GPU)")
-    p.add_argument("--skip-check", action="store_true", help="skip the correctness gate (numbers then say so in config)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    if args.quick:
-        args.m, args.lq, args.k, args.dim = ["16k", "64k"], [1, 256], [32], [128]
-    args.m = [parse_size(m) for m in args.m]
-    args.chunk = parse_size(args.chunk)
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.m = [C.parse_size(str(m)) for m in args.m]
     args.kv_heads = args.kv_heads or args.heads
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     return args
 
 
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # ------------------------------------------------------------------------------ PyTorch baselines
+# The query heads that share a kv head are stacked into one block of rows, [B, Hkv, G * Lq, D]
+# (query head h reads kv head h // G, as with repeat_interleave), so no baseline repeats the keys.
+
+
+def grouped(query, kv_heads: int):
+    """[B, Hq, Lq, D] -> [B, Hkv, G * Lq, D] (a view)."""
+    b, hq, lq, d = query.shape
+    return query.reshape(b, kv_heads, hq // kv_heads * lq, d)
+
+
+def ungrouped(x, q_heads: int, len_q: int):
+    """[B, Hkv, G * Lq, ...] -> [B, Hq, Lq, ...]."""
+    return x.reshape(x.shape[0], q_heads, len_q, *x.shape[3:])
+
+
+def chunk_for(rows: int, bytes_per_entry: int, budget: float, m: int, cap: int | None = None) -> int:
+    """Memory chunk whose [rows, chunk] score block takes at most ``budget`` bytes (>= 1024 slots,
+    a multiple of 1024 below M, at most ``cap``)."""
+    chunk = max(1024, int(budget // (rows * bytes_per_entry)) // 1024 * 1024)
+    return min(m, chunk if cap is None else min(chunk, cap))
+
+
+def cublas_matmul(query, mem_keys, chunk: int) -> None:
+    """The scoring product q @ K^T alone, chunked over M. Each chunk's output is dropped before the
+    next is computed, so one chunk's output is alive at a time (the result is not needed)."""
+    import torch
+
+    qg = grouped(query, mem_keys.shape[1])
+    for start in range(0, mem_keys.shape[2], chunk):
+        torch.matmul(qg, mem_keys[:, :, start : start + chunk].transpose(-1, -2))
 
 
 def unfused_knn_topk(query, mem_keys, k: int, chunk: int):
-    """cuBLAS scores per memory chunk (Lq x chunk, never Lq x M), torch.topk, running merge."""
+    """cuBLAS bf16 scores per memory chunk (never Lq x M), torch.topk, running merge with the best
+    k so far; one chunk's scores alive at a time."""
     import torch
 
-    group = query.shape[1] // mem_keys.shape[1]
+    b, hq, lq, _ = query.shape
+    qg = grouped(query, mem_keys.shape[1])
     best_s = best_i = None
     for start in range(0, mem_keys.shape[2], chunk):
-        keys = mem_keys[:, :, start : start + chunk].repeat_interleave(group, dim=1)
-        scores = (query @ keys.transpose(-1, -2)).float()  # [B, Hq, Lq, chunk]
+        scores = (qg @ mem_keys[:, :, start : start + chunk].transpose(-1, -2)).float()  # [B, Hkv, G*Lq, chunk]
         s, i = scores.topk(min(k, scores.shape[-1]), dim=-1)
+        del scores
         i = i + start
         if best_s is not None:
-            s, j = torch.cat([best_s, s], -1).topk(k, dim=-1)
+            s, j = torch.cat([best_s, s], -1).topk(min(k, best_s.shape[-1] + s.shape[-1]), dim=-1)
             i = torch.cat([best_i, i], -1).gather(-1, j)
         best_s, best_i = s, i
-    return best_s, best_i
+    return ungrouped(best_s, hq, lq), ungrouped(best_i, hq, lq)
 
 
 def unfused_knn_attention(query, mem_keys, mem_values, k: int, chunk: int, scale: float):
-    """Unfused kNN memory attention: chunked scores + topk, gather the selected values, softmax."""
+    """Unfused kNN memory attention: the chunked top-k above, gather of the selected values,
+    softmax over the k scores, weighted sum."""
     import torch
 
-    scores, idx = unfused_knn_topk(query, mem_keys, k, chunk)
-    group = query.shape[1] // mem_keys.shape[1]
-    b, hq, lq, _ = idx.shape
-    vals = mem_values.repeat_interleave(group, dim=1) if group > 1 else mem_values
-    gathered = torch.gather(vals[:, :, None].expand(b, hq, lq, -1, -1), 3,
-                            idx[..., None].expand(-1, -1, -1, -1, vals.shape[-1]))  # fmt: skip
+    scores, idx = unfused_knn_topk(query, mem_keys, k, chunk)  # [B, Hq, Lq, k]
+    b, hq, lq, kk = idx.shape
+    d = mem_values.shape[-1]
+    flat = idx.reshape(b, mem_values.shape[1], -1)  # [B, Hkv, G*Lq*k]: head h's rows lie under kv head h // G
+    vals = torch.gather(mem_values, 2, flat[..., None].expand(-1, -1, -1, d)).reshape(b, hq, lq, kk, d)
     p = torch.softmax(scores * scale, dim=-1)
-    return (p[..., None] * gathered.float()).sum(-2).to(query.dtype)
+    return (p[..., None, :] @ vals.float()).squeeze(-2).to(query.dtype)
 
 
 def longllama_dense(query, key, value, mem_keys, mem_values, chunk: int, scale: float):
-    """The released LongLLaMA-style dense memory attention: logits per memory chunk in fp32, one
-    joint softmax over [memory | local] through a running log-sum-exp (non-causal local part)."""
+    """The released LongLLaMA-style dense memory attention: fp32 logits per part ([local], then
+    memory chunks), one joint softmax over [local | memory] through a running log-sum-exp
+    (non-causal local part); one part's logits alive at a time."""
     import torch
 
-    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
-    lse = torch.full(query.shape[:-1], float("-inf"), device=query.device)
-    parts = [(key, value)] + [(mem_keys[:, :, s : s + chunk], mem_values[:, :, s : s + chunk])
-                              for s in range(0, mem_keys.shape[2], chunk)]  # fmt: skip
-    group = query.shape[1] // key.shape[1]
+    b, hq, lq, d = query.shape
+    qg = grouped(query, key.shape[1])
+    out = torch.zeros(qg.shape, dtype=torch.float32, device=query.device)
+    lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=query.device)
+    parts = itertools.chain([(key, value)], ((mem_keys[:, :, s : s + chunk], mem_values[:, :, s : s + chunk])
+                                             for s in range(0, mem_keys.shape[2], chunk)))  # fmt: skip
     for k_part, v_part in parts:
-        k_part = k_part.repeat_interleave(group, dim=1)
-        v_part = v_part.repeat_interleave(group, dim=1)
-        logits = (query @ k_part.transpose(-1, -2)).float() * scale
+        logits = (qg @ k_part.transpose(-1, -2)).float() * scale
         part_lse = logits.logsumexp(-1)
         new = torch.logaddexp(lse, part_lse)
-        out = out * (lse - new).exp()[..., None] + (torch.softmax(logits, -1) @ v_part.float()) * (part_lse - new).exp()[..., None]
+        part_out = torch.softmax(logits, -1) @ v_part.float()
+        del logits
+        out = out * (lse - new).exp()[..., None] + part_out * (part_lse - new).exp()[..., None]
         lse = new
-    return out.to(query.dtype)
+    return ungrouped(out, hq, lq).to(query.dtype)
 
 
-# ---------------------------------------------------------------------------------- the harness
+# ---------------------------------------------------------------------------- backends and gate
 
 
-def correctness_gate() -> list[str]:
-    """Small-shape check of the Triton backend against the reference; returns failures."""
+def gpu_backends(names) -> tuple[dict, dict[str, str]]:
+    """({name: module} of the usable GPU backends among ``names``, {name: why not} of the others)."""
+    from fot_kernels import backends
+
+    table, unavailable = {}, {}
+    for name in names:
+        mod, why = backends.load(name)
+        if mod is not None and name == "cuda":
+            why = mod.extension_status()  # None: fot_kernels._C is built and loads
+        if why is None:
+            table[name] = mod
+        else:
+            unavailable[name] = why
+    return table, unavailable
+
+
+def correctness_gate(backend) -> tuple[int, list[str]]:
+    """Check one backend module against the float64 reference at small shapes, in every mode the
+    benchmark times (knn_topk; memory_attention dense/kNN, with a causal or non-causal local part,
+    and kNN without local part). Returns (cases run, failures); any exception is a failure."""
     import torch
 
     from fot_kernels.backends import reference as R
-    from fot_kernels.backends import triton as TB
     from fot_kernels.testing import assert_close_to_reference, check_knn
 
-    failures = []
-    torch.manual_seed(0)
+    def dbl(t):
+        return None if t is None else t.double()
+
+    cases, failures = 0, []
     for d, dtype in ((100, torch.bfloat16), (128, torch.bfloat16), (64, torch.float32)):
+        torch.manual_seed(0)
         q = torch.randn(1, 4, 33, d, device="cuda").to(dtype)
         k = torch.randn(1, 2, 40, d, device="cuda").to(dtype)
         v = torch.randn_like(k)
         mk = torch.randn(1, 2, 5000, d, device="cuda").to(dtype)
         mv = torch.randn_like(mk)
+        scale = d**-0.5
+        tag = f"{backend.NAME} D={d} {str(dtype).replace('torch.', '')}"
+        cases += 1
         try:
-            s, i = TB.knn_topk(q, mk, 32, mem_lengths=None, mem_mask=None)
+            s, i = backend.knn_topk(q, mk, 32, mem_lengths=None, mem_mask=None)
+            torch.cuda.synchronize()
             check_knn(s, i, q, mk, 32)
-            for topk in (None, 32):
-                out, lse = TB.memory_attention(q, k, v, mk, mv, topk=topk, causal=True, softmax_scale=d**-0.5,
-                                               mem_lengths=None, mem_mask=None)  # fmt: skip
-                hi = R.memory_attention(q.double(), k.double(), v.double(), mk.double(), mv.double(), topk=topk)
-                lo = R.memory_attention(q, k, v, mk, mv, topk=topk)
-                assert_close_to_reference(out, hi[0], lo[0], name=f"out d={d} {dtype} topk={topk}")
-        except AssertionError as exc:
-            failures.append(str(exc))
-    return failures
+        except Exception as exc:  # noqa: BLE001 - a crash is a failed check too
+            failures.append(f"{tag} knn_topk k=32: {type(exc).__name__}: {exc}")
+        for mode, key, value, topk, causal in (
+            ("dense, causal local", k, v, None, True),
+            ("dense, non-causal local", k, v, None, False),
+            ("kNN k=32, causal local", k, v, 32, True),
+            ("kNN k=32, no local", None, None, 32, False),
+        ):
+            cases += 1
+            try:
+                out, lse = backend.memory_attention(q, key, value, mk, mv, topk=topk, causal=causal, softmax_scale=scale,
+                                                    mem_lengths=None, mem_mask=None)  # fmt: skip
+                torch.cuda.synchronize()
+                kw = dict(topk=topk, causal=causal, softmax_scale=scale)
+                hi = R.memory_attention(q.double(), dbl(key), dbl(value), mk.double(), mv.double(), **kw)
+                lo = R.memory_attention(q, key, value, mk, mv, **kw)
+                assert_close_to_reference(out, hi[0], lo[0], name=f"{tag} memory_attention {mode}: out")
+                assert_close_to_reference(lse, hi[1], lo[1].float(), name=f"{tag} memory_attention {mode}: lse")
+            except Exception as exc:  # noqa: BLE001
+                failures.append(f"{tag} memory_attention {mode}: {type(exc).__name__}: {exc}")
+    return cases, failures
+
+
+# ---------------------------------------------------------------------------------- the harness
 
 
 def bench(fn: Callable[[], object]) -> tuple[float, float, float, int]:
-    """(median, p20, p80 in ms, peak extra bytes) of fn on the current device."""
+    """(median, p20, p80 in ms, peak extra bytes) of fn on the current device. Nothing fn returns
+    is kept: the first call's result is dropped before do_bench starts, and do_bench drops each."""
     import torch
     import triton
 
@@ -186,164 +287,255 @@ def bench(fn: Callable[[], object]) -> tuple[float, float, float, int]:
     return med, p20, p80, peak
 
 
-def main(argv=None) -> int:
+class Runner:
+    """Times providers and collects CSV rows."""
+
+    def __init__(self, info: dict, checks: dict[str, str], backends: dict, max_bytes: float):
+        self.info, self.checks, self.backends = info, checks, backends
+        self.max_bytes = max_bytes  # memory budget of a point's inputs
+        self.rows: list[dict] = []
+        self.errors: list[str] = []  # backends that raised while timed
+
+    def row(self, kernel: str, provider: str, cfg: dict, metric: str, unit: str, med: float, p20: float, p80: float):
+        self.rows.append(C.csv_row(self.info, cfg, kernel=kernel, provider=provider, mode="forward", metric=metric,
+                                   unit=unit, x_name="M", x_value=cfg["M"], median=med, p20=p20, p80=p80,
+                                   check=self.checks.get(provider, "")))  # fmt: skip
+
+    def run(self, kernel: str, provider: str, fn: Callable[[], object], cfg: dict, *, flops=None, nbytes=None):
+        """Time fn; rows: time (ms), peak_memory (MiB), throughput (TFLOP/s) when flops is given,
+        bandwidth (GB/s) when nbytes is given. Returns the median ms, or None if it failed."""
+        import torch
+
+        label = f"  {kernel:15} {provider:19} {', '.join(f'{k}={v}' for k, v in cfg.items() if k in ('k', 'chunk'))}"
+        failure = None
+        try:
+            med, p20, p80, peak = bench(fn)
+        except torch.cuda.OutOfMemoryError:
+            failure = "out of memory"
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other providers
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            failure = f"FAILED {kernel} {provider} at {cfg}: {type(exc).__name__}: {first}"
+            if provider in self.backends:
+                self.errors.append(failure)
+        if failure is not None:  # outside the except block: its traceback no longer holds the call's tensors
+            torch.cuda.empty_cache()
+            print(f"{label}: {failure}", flush=True)
+            return None
+        self.row(kernel, provider, cfg, "time", "ms", med, p20, p80)
+        self.row(kernel, provider, cfg, "peak_memory", "MiB", peak / 2**20, peak / 2**20, peak / 2**20)
+        line = f"{label}: {med:9.3f} ms  peak {peak / 2**20:9.1f} MiB"
+        if flops:
+            self.row(kernel, provider, cfg, "throughput", "TFLOP/s", flops / med / 1e9, flops / p80 / 1e9, flops / p20 / 1e9)
+            line += f"  {flops / med / 1e9:7.1f} TFLOP/s"
+        if nbytes:
+            self.row(kernel, provider, cfg, "bandwidth", "GB/s", nbytes / med / 1e6, nbytes / p80 / 1e6, nbytes / p20 / 1e6)
+            line += f"  {nbytes / med / 1e6:7.0f} GB/s"
+        print(line, flush=True)
+        return med
+
+    def ratio(self, kernel: str, provider: str, cfg: dict, metric: str, unit: str, value: float):
+        self.row(kernel, provider, cfg, metric, unit, value, value, value)
+        print(f"  {kernel:15} {provider:19} {metric} = {value:.3f}", flush=True)
+
+
+def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: int, lq: int, m: int) -> None:
+    """Every selected (kernel, provider) at one shape. The tensors die when this returns."""
+    import torch
+
+    B, Hq, Hkv, dtype = args.batch, args.heads, args.kv_heads, torch.bfloat16
+    lk = args.local or lq
+    torch.manual_seed(0)
+    q = torch.randn(B, Hq, lq, d, device="cuda", dtype=dtype)
+    mk = torch.randn(B, Hkv, m, d, device="cuda", dtype=dtype)
+    mv = torch.randn(B, Hkv, m, d, device="cuda", dtype=dtype)
+    kl = torch.randn(B, Hkv, lk, d, device="cuda", dtype=dtype)
+    vl = torch.randn_like(kl)
+    scale = d**-0.5
+    score_flops = 2 * B * Hq * lq * m * d
+    key_bytes = mk.numel() * mk.element_size()
+    rows = B * Hq * lq  # score rows of one memory slot
+    budget = args.score_gib * 2**30
+    unfused_chunk = chunk_for(rows, 4, budget, m, cap=args.chunk)
+    base = dict(B=B, Hq=Hq, Hkv=Hkv, Lq=lq, M=m, D=d, dtype="bf16")
+    decode = lq == 1
+    table = r.backends
+
+    t_copy = None  # decode: the device-to-device copy of the keys, the bandwidth ceiling
+    if decode and "d2d_copy_keys" in selected:
+        dst = torch.empty_like(mk)
+        t_copy = r.run("memory_copy", "d2d_copy_keys", lambda: dst.copy_(mk), base, nbytes=2 * key_bytes)
+        del dst
+
+    def versus_copy(kernel: str, name: str, cfg: dict, t: float | None, nbytes: int) -> None:
+        if t and t_copy:  # (nbytes / t) / (2 * key_bytes / t_copy)
+            r.ratio(kernel, name, cfg, "bandwidth_ratio_to_copy", "bandwidth / d2d copy bandwidth",
+                    nbytes * t_copy / (2 * key_bytes * t))  # fmt: skip
+
+    if "knn_topk" in args.kernels:
+        t_mm = None
+        if "cublas_bf16_matmul" in selected:
+            mm_chunk = chunk_for(rows, 2, budget, m)
+            t_mm = r.run("knn_topk", "cublas_bf16_matmul", lambda: cublas_matmul(q, mk, mm_chunk),
+                         {**base, "chunk": mm_chunk}, flops=score_flops)  # fmt: skip
+        for k in args.k:
+            cfg = {**base, "k": k}
+            for name, mod in table.items():
+                t = r.run("knn_topk", name, lambda mod=mod, k=k: mod.knn_topk(q, mk, k, mem_lengths=None, mem_mask=None),
+                          cfg, flops=score_flops, nbytes=key_bytes if decode else None)  # fmt: skip
+                if t and t_mm:
+                    r.ratio("knn_topk", name, cfg, "ratio_to_cublas", "cublas_time/time", t_mm / t)
+                versus_copy("knn_topk", name, cfg, t, key_bytes)
+            if "torch_unfused" in selected:
+                r.run("knn_topk", "torch_unfused", lambda k=k: unfused_knn_topk(q, mk, k, unfused_chunk),
+                      {**cfg, "chunk": unfused_chunk}, flops=score_flops)  # fmt: skip
+
+    if "knn_attention" in args.kernels:
+        for k in args.k:
+            cfg = {**base, "k": k}
+            for name, mod in table.items():
+                t = r.run("knn_attention", name,
+                          lambda mod=mod, k=k: mod.memory_attention(q, None, None, mk, mv, topk=k, causal=False,
+                                                                    softmax_scale=scale, mem_lengths=None, mem_mask=None),
+                          cfg, flops=score_flops, nbytes=key_bytes if decode else None)  # fmt: skip
+                versus_copy("knn_attention", name, cfg, t, key_bytes)
+            if "torch_unfused" in selected:
+                r.run("knn_attention", "torch_unfused", lambda k=k: unfused_knn_attention(q, mk, mv, k, unfused_chunk, scale),
+                      {**cfg, "chunk": unfused_chunk}, flops=score_flops)  # fmt: skip
+
+    if "dense_attention" in args.kernels:
+        attn_flops = 4 * B * Hq * lq * (lk + m) * d
+        cfg = {**base, "Lk": lk, "causal": False}
+        for name, mod in table.items():
+            t = r.run("dense_attention", name,
+                      lambda mod=mod: mod.memory_attention(q, kl, vl, mk, mv, topk=None, causal=False, softmax_scale=scale,
+                                                           mem_lengths=None, mem_mask=None),
+                      cfg, flops=attn_flops, nbytes=2 * key_bytes if decode else None)  # fmt: skip
+            versus_copy("dense_attention", name, cfg, t, 2 * key_bytes)
+        if "torch_longllama" in selected:
+            ll_chunk = chunk_for(rows, 4, budget, m, cap=args.chunk)
+            r.run("dense_attention", "torch_longllama", lambda: longllama_dense(q, kl, vl, mk, mv, ll_chunk, scale),
+                  {**cfg, "chunk": ll_chunk}, flops=attn_flops)  # fmt: skip
+        if "sdpa_flash_concat" in selected:
+            cat_bytes = 2 * B * Hq * (lk + m) * d * 2
+            in_use = torch.cuda.memory_allocated()
+            if d % 8 or d > 256:
+                print(f"  dense_attention sdpa_flash_concat: skipped (flash attention needs D % 8 == 0 and D <= 256, D={d})")
+            elif in_use + cat_bytes > r.max_bytes:
+                print(f"  dense_attention sdpa_flash_concat: skipped (concatenated keys/values {cat_bytes / 2**30:.1f} GiB "
+                      f"over the budget)")  # fmt: skip
+            else:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                group = Hq // Hkv
+                kc = torch.cat([mk, kl], 2).repeat_interleave(group, 1)
+                vc = torch.cat([mv, vl], 2).repeat_interleave(group, 1)
+
+                def sdpa():
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, scale=scale)
+
+                r.run("dense_attention", "sdpa_flash_concat", sdpa, cfg, flops=attn_flops)
+                del kc, vc
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
-        print("bench_gpu.py needs a CUDA GPU (none found); nothing measured.", file=sys.stderr)
+        print(f"bench_gpu.py needs a CUDA GPU: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees none; "
+              "nothing measured.", file=sys.stderr)  # fmt: skip
         return 2
-    import triton
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench_gpu.py: unset TRITON_INTERPRET (the interpreter would be timed, not the compiled kernels)", file=sys.stderr)
+        return 2
+    try:
+        import triton
+    except ImportError as exc:
+        print(f"bench_gpu.py times with triton.testing.do_bench; triton is not installed ({exc})", file=sys.stderr)
+        return 2
 
-    from fot_kernels.backends import triton as TB
+    selected = set(args.providers or PROVIDERS)
+    status = 0
+    table, unavailable = gpu_backends([b for b in BACKENDS if b in selected])
+    for name, why in unavailable.items():
+        print(f"backend {name}: skipped ({why})", file=sys.stderr)
+        if args.providers:  # asked for by name: a failure
+            status = 1
 
-    os.makedirs(args.out, exist_ok=True)
-    check = "skipped" if args.skip_check else "passed"
-    if not args.skip_check:
-        failures = correctness_gate()
+    checks = {}
+    for name, mod in list(table.items()):
+        if args.skip_check:
+            checks[name] = "skipped"
+            continue
+        cases, failures = correctness_gate(mod)
         if failures:
-            print("Triton backend fails its correctness check; refusing to report timings:\n" + "\n".join(failures), file=sys.stderr)
-            return 1
+            print(f"backend {name}: FAILS its correctness gate ({len(failures)} of {cases} cases); left out of the "
+                  "timings:\n  " + "\n  ".join(failures), file=sys.stderr)  # fmt: skip
+            del table[name]
+            status = 1
+        else:
+            checks[name] = "passed"
+            print(f"backend {name}: correctness gate passed ({cases} cases)")
 
-    device = torch.cuda.get_device_name()
-    meta = dict(device=device, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                git_commit=git_commit(), torch_version=torch.__version__, triton_version=triton.__version__)  # fmt: skip
-    total_mem = torch.cuda.get_device_properties(0).total_memory
-    max_bytes = (args.max_gib * 2**30) if args.max_gib else 0.6 * total_mem
-    rows: list[dict] = []
-    csv_path = os.path.join(args.out, "bench_gpu.csv")
-    f = open(csv_path, "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=FIELDS)
-    writer.writeheader()
+    info = C.machine_info(threads=str(torch.get_num_threads()))
+    info.update(device=torch.cuda.get_device_name(), faiss_version="", triton_version=triton.__version__,
+                cuda_version=torch.version.cuda or "")  # fmt: skip
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    runner = Runner(info, checks, table, args.max_gib * 2**30 if args.max_gib else 0.6 * total)
+    baselines = [b for b in BASELINES if b in selected]
+    print(f"device {info['device']}, torch {torch.__version__}, CUDA {info['cuda_version']}, triton {triton.__version__}, "
+          f"commit {info['git_commit']}")  # fmt: skip
+    print(f"timing backends: {', '.join(table) or 'none'}; baselines: {', '.join(baselines) or 'none'}; "
+          f"memory budget {runner.max_bytes / 2**30:.1f} GiB")  # fmt: skip
 
-    def record(kernel, provider, metric, unit, m, value, p20=None, p80=None, **config):
-        row = dict(kernel=kernel, provider=provider, mode="forward", metric=metric, unit=unit, x_name="M", x_value=m,
-                   median=value, p20=value if p20 is None else p20, p80=value if p80 is None else p80,
-                   config=json.dumps({**config, "check": check}, sort_keys=True), **meta)  # fmt: skip
-        writer.writerow(row)
-        f.flush()
-        rows.append(row)
-
-    def run(kernel, provider, fn, m, flops, **config):
-        try:
-            med, p20, p80, peak = bench(fn)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            print(f"  {kernel:16} {provider:18} M={m:>8}: out of memory", flush=True)
-            return None
-        record(kernel, provider, "time", "ms", m, med, p20, p80, **config)
-        record(kernel, provider, "memory", "MiB", m, peak / 2**20, **config)
-        if flops:
-            record(kernel, provider, "throughput", "TFLOP/s", m, flops / (med * 1e-3) / 1e12,
-                   flops / (p80 * 1e-3) / 1e12, flops / (p20 * 1e-3) / 1e12, **config)  # fmt: skip
-        print(f"  {kernel:16} {provider:18} M={m:>8}: {med:9.3f} ms  peak {peak / 2**20:9.1f} MiB"
-              + (f"  {flops / (med * 1e-3) / 1e12:7.1f} TFLOP/s" if flops else ""), flush=True)  # fmt: skip
-        return med
-
-    dtype = torch.bfloat16
-    B, Hq, Hkv = args.batch, args.heads, args.kv_heads
+    csv_path = args.out / "bench_gpu.csv"
     for d in args.dim:
         for lq in args.lq:
             for m in args.m:
-                need = 2 * B * Hkv * m * d * 2
-                if need > max_bytes:
-                    print(f"skip D={d} Lq={lq} M={m}: memory inputs {need / 2**30:.1f} GiB > budget")
+                need = 2 * args.batch * args.kv_heads * m * d * 2  # memory keys + values, bf16
+                if need > runner.max_bytes:
+                    print(f"skip D={d} Lq={lq} M={m}: memory keys+values {need / 2**30:.1f} GiB > budget "
+                          f"{runner.max_bytes / 2**30:.1f} GiB")  # fmt: skip
                     continue
-                torch.manual_seed(0)
-                q = torch.randn(B, Hq, lq, d, device="cuda", dtype=dtype)
-                mk = torch.randn(B, Hkv, m, d, device="cuda", dtype=dtype)
-                mv = torch.randn(B, Hkv, m, d, device="cuda", dtype=dtype)
-                lk = args.local or lq
-                kl = torch.randn(B, Hkv, lk, d, device="cuda", dtype=dtype)
-                vl = torch.randn_like(kl)
-                scale = d**-0.5
-                score_flops = 2 * B * Hq * lq * m * d
-                base = dict(D=d, Lq=lq, B=B, Hq=Hq, Hkv=Hkv, dtype="bf16")
                 print(f"D={d} Lq={lq} M={m}", flush=True)
-                if "knn_topk" in args.kernels:
-                    keys_rep = mk.repeat_interleave(Hq // Hkv, 1) if Hq != Hkv else mk
-                    mm_chunk = min(m, max(args.chunk, (2**31 // max(1, B * Hq * lq * 2))))  # cuBLAS output <= 4 GiB
-                    run("knn_topk", "cublas_bf16_matmul",
-                        lambda: [q @ keys_rep[:, :, s : s + mm_chunk].transpose(-1, -2) for s in range(0, m, mm_chunk)],
-                        m, score_flops, **base, chunk=mm_chunk)  # fmt: skip
-                    for k in args.k:
-                        run("knn_topk", "triton", lambda: TB.knn_topk(q, mk, k, mem_lengths=None, mem_mask=None),
-                            m, score_flops, **base, k=k)  # fmt: skip
-                        run("knn_topk", "torch_unfused", lambda: unfused_knn_topk(q, mk, k, args.chunk), m, score_flops,
-                            **base, k=k, chunk=args.chunk)  # fmt: skip
-                if "knn_attention" in args.kernels:
-                    for k in args.k:
-                        run("knn_attention", "triton",
-                            lambda: TB.memory_attention(q, None, None, mk, mv, topk=k, causal=False, softmax_scale=scale,
-                                                        mem_lengths=None, mem_mask=None),
-                            m, score_flops, **base, k=k)  # fmt: skip
-                        run("knn_attention", "torch_unfused", lambda: unfused_knn_attention(q, mk, mv, k, args.chunk, scale),
-                            m, score_flops, **base, k=k, chunk=args.chunk)  # fmt: skip
-                if "dense_attention" in args.kernels:
-                    attn_flops = 4 * B * Hq * lq * (lk + m) * d
-                    cfg = dict(**base, Lk=lk, causal=False)
-                    run("dense_attention", "triton",
-                        lambda: TB.memory_attention(q, kl, vl, mk, mv, topk=None, causal=False, softmax_scale=scale,
-                                                    mem_lengths=None, mem_mask=None),
-                        m, attn_flops, **cfg)  # fmt: skip
-                    run("dense_attention", "torch_longllama", lambda: longllama_dense(q, kl, vl, mk, mv, args.chunk, scale),
-                        m, attn_flops, **cfg, chunk=args.chunk)  # fmt: skip
-                    cat_bytes = 2 * B * Hq * (lk + m) * d * 2
-                    if cat_bytes + need <= max_bytes and d % 8 == 0:
-                        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                        kc = torch.cat([mk, kl], 2).repeat_interleave(Hq // Hkv, 1)
-                        vc = torch.cat([mv, vl], 2).repeat_interleave(Hq // Hkv, 1)
-
-                        def sdpa():
-                            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                                return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, scale=scale)
-
-                        run("dense_attention", "sdpa_flash_concat", sdpa, m, attn_flops, **cfg)
-                        del kc, vc
-                del q, mk, mv, kl, vl
+                measure_point(runner, args, selected, d, lq, m)
                 torch.cuda.empty_cache()
-    f.close()
-    print(f"wrote {csv_path} ({len(rows)} rows)")
-    if not args.no_plot:
-        plot(rows, args.out)
-    return 0
+                C.write_csv(csv_path, runner.rows, CSV_FIELDS)  # after every point: a crash keeps what was measured
+    C.write_csv(csv_path, runner.rows, CSV_FIELDS)
+    print(f"wrote {csv_path} ({len(runner.rows)} rows)")
+    if not args.no_plot and runner.rows:
+        plot(runner.rows, args.out)
+    if runner.errors:
+        print("backends that raised while timed:\n  " + "\n  ".join(runner.errors), file=sys.stderr)
+        status = 1
+    print(f"exit status {status}" + ("" if status == 0 else " (see the messages above)"))
+    return status
 
 
-def plot(rows: list[dict], out: str) -> None:
-    """One PNG per kernel: median time vs M, a panel per (D, Lq), a line per (provider, k)."""
-    try:
-        import matplotlib
+def plot(rows: list[dict], out: Path) -> None:
+    """bench_gpu_<kernel>.png: median time against M, a panel per (D, Lq), a line per provider (and k)."""
+    import json
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    for kernel in sorted({r["kernel"] for r in rows}):
-        sel = [r for r in rows if r["kernel"] == kernel and r["metric"] == "time"]
-        panels = sorted({(json.loads(r["config"])["D"], json.loads(r["config"])["Lq"]) for r in sel})
-        if not panels:
+    panels: dict[str, dict[str, dict[str, list]]] = {}
+    for r in rows:
+        if r["metric"] != "time":
             continue
-        cols = min(2, len(panels))
-        fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(6 * cols, 4 * math.ceil(len(panels) / cols)),
-                                 squeeze=False)  # fmt: skip
-        for ax, (d, lq) in zip(axes.flat, panels):
-            lines: dict[str, list] = {}
-            for r in sel:
-                c = json.loads(r["config"])
-                if (c["D"], c["Lq"]) == (d, lq):
-                    label = r["provider"] + (f" k={c['k']}" if "k" in c else "")
-                    lines.setdefault(label, []).append((int(r["x_value"]), float(r["median"])))
-            for label, pts in sorted(lines.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            ax.set(xscale="log", yscale="log", xlabel="memory slots M", ylabel="ms (median)", title=f"{kernel} D={d} Lq={lq}")
-            ax.legend(fontsize=7)
-        fig.suptitle(f"{kernel} on {rows[0]['device']} ({rows[0]['timestamp'][:10]})")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"bench_gpu_{kernel}.png"), dpi=110)
-        plt.close(fig)
+        c = json.loads(r["config"])
+        series = r["provider"] + (f" k={c['k']}" if "k" in c else "")
+        panel = f"D={c['D']} Lq={c['Lq']}"
+        panels.setdefault(r["kernel"], {}).setdefault(panel, {}).setdefault(series, []).append(
+            (int(r["x_value"]), float(r["median"]), True))
+    for kernel, by_panel in panels.items():
+        ordered = dict(sorted(by_panel.items(), key=lambda kv: tuple(int(p.split("=")[1]) for p in kv[0].split())))
+        path = out / f"bench_gpu_{kernel}.png"
+        try:
+            C.plot_panels(ordered, path, xlabel="memory slots M", ylabel="ms (median)",
+                          title=f"{kernel} on {rows[0]['device']} ({rows[0]['timestamp'][:10]})")  # fmt: skip
+        except ImportError:
+            print("matplotlib not installed: no plots")
+            return
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
