@@ -1,5 +1,7 @@
 """Property-based tests (hypothesis): random shapes, masks and k, cpu backend vs the reference."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,16 +24,19 @@ shapes = st.fixed_dictionaries(
         "k": st.integers(1, 70),
         "lengths": st.booleans(),
         "mask": st.booleans(),
+        "mem_dtype": st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+        "strided": st.booleans(),
         "seed": st.integers(0, 2**31 - 1),
     }
 )
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=int(os.environ.get("FOT_KERNELS_HYPOTHESIS_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _case(p):
     torch.manual_seed(p["seed"])
     return make_case(p["batch"], p["kv_heads"] * p["group"], p["kv_heads"], p["len_q"], p["len_k"], p["slots"],
-                     p["head_dim"], lengths=p["lengths"], mask=p["mask"])  # fmt: skip
+                     p["head_dim"], lengths=p["lengths"], mask=p["mask"], mem_dtype=p["mem_dtype"],
+                     strided_memory=p["strided"])  # fmt: skip
 
 
 @pytest.mark.usefixtures("cpu_kernels")
