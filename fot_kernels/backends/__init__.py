@@ -42,6 +42,13 @@ def auto_order(device_type: str) -> tuple[str, ...]:
     return ("triton", "cuda", "streaming")
 
 
+def dtype_reasons(allowed: tuple, **tensors) -> list[str]:
+    """One reason per given tensor whose dtype a backend's kernels do not serve."""
+    names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+    return [f"{name} dtype {str(t.dtype).replace('torch.', '')} not served ({names} only)"
+            for name, t in tensors.items() if t is not None and t.dtype not in allowed]  # fmt: skip
+
+
 def load(name: str) -> tuple[ModuleType | None, str | None]:
     """Import a backend module lazily: (module, None), or (None, why it cannot be imported)."""
     try:

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from . import streaming
+from . import dtype_reasons, streaming
 
 NAME = "cuda"
 MAX_K = 256  # csrc/cuda/fot_cuda.h kMaxK
@@ -99,10 +99,7 @@ def unsupported_reasons(
     if _EXTENSION_REASON is not None:
         reasons.append(_EXTENSION_REASON)
     tensors = {"query": query, "mem_keys": mem_keys, "mem_values": mem_values, "key": key, "value": value}
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in _DTYPES:
-            dtype = str(t.dtype).replace("torch.", "")
-            reasons.append(f"{name} dtype {dtype} is not served (float32/float16/bfloat16 only)")
+    reasons += dtype_reasons(_DTYPES, **tensors)
     if mem_values is not None and mem_values.dtype != mem_keys.dtype:
         reasons.append(f"mem_values dtype {mem_values.dtype} differs from mem_keys dtype {mem_keys.dtype}")
     if key is not None and value is not None and key.dtype != value.dtype:

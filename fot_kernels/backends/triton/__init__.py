@@ -22,6 +22,7 @@ import os
 import torch
 from torch import Tensor
 
+from .. import dtype_reasons
 from . import _configs as C
 
 NAME = "triton"
@@ -76,10 +77,7 @@ def unsupported_reasons(
             reasons.append(f"triton backend needs compute capability >= 8.0 (got {major}.{minor})")
     elif not (device.type == "cpu" and _interpret()):
         reasons.append(f"triton backend needs CUDA tensors (got {device.type}) and TRITON_INTERPRET is not set")
-    tensors = {"query": query, "mem_keys": mem_keys, "key": key, "value": value, "mem_values": mem_values}
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in _SERVED:
-            reasons.append(f"{name} dtype {str(t.dtype).replace('torch.', '')} not served (float32, float16, bfloat16 only)")
+    reasons += dtype_reasons(_SERVED, query=query, mem_keys=mem_keys, key=key, value=value, mem_values=mem_values)
     head_dim = query.shape[-1]
     if head_dim > C.MAX_D:
         reasons.append(f"head_dim {head_dim} > {C.MAX_D}")
