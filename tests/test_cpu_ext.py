@@ -248,6 +248,70 @@ def test_knn_scan_memory_split(N, gen):
         torch.set_num_threads(old)
 
 
+# Row-count paths per work item: direct (N <= 8), stream (9 <= N <= 64: queries packed with rows in
+# lanes, keys streamed; 1-4 groups of 16 rows), packed panels (N > 64). Cover their boundaries.
+STREAM_NS = [3, 8, 9, 16, 17, 32, 33, 48, 49, 64, 65]
+
+
+@pytest.mark.parametrize("N", STREAM_NS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_knn_scan_row_paths(N, dtype, gen):
+    B, H, M, D, k = 2, 1, 1500, 100, 24  # B*H even: whole rows per work item
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, dtype, strided=True, gen=gen)
+    keys[0, :, 7, 3] = float("nan")  # NaN keys: never selected
+    keys[1, :, 600:700:3] = float("nan")
+    lengths = torch.tensor([M - 37, 1001])
+    mask = random_mask(B, M, gen, p=0.85)
+    scores, indices = ops.knn_scan(query, keys, lengths, mask, k)
+    check_knn(query, keys, lengths, mask, k, scores, indices)
+
+
+@pytest.mark.parametrize("N", [9, 17, 33, 64])
+@pytest.mark.parametrize("D", [3, 128])
+def test_knn_scan_row_paths_exact_ties(N, D, gen):
+    B, H, M, k = 1, 2, 1300, 33
+    query = torch.randint(-2, 3, (B, H, N, D), generator=gen).float()
+    keys = torch.randint(-1, 2, (B, H, M, D), generator=gen).float()
+    keys[:, :, 900:1000] = keys[:, :, 100:200]  # duplicated rows: equal scores, lower index wins
+    mask = random_mask(B, M, gen, p=0.9)
+    lengths = torch.tensor([M - 5])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        scores, indices = ops.knn_scan(query, keys.to(dtype), lengths, mask, k)
+        check_knn(query, keys.to(dtype), lengths, mask, k, scores, indices, exact=True)
+
+
+@pytest.mark.parametrize("N", [9, 40, 64])
+def test_knn_scan_row_paths_split_and_chunks(N, gen):
+    # B*H = 1 with 2 threads: rows are chunked and/or the memory split across threads.
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        M, D, k = 20000, 64, 40
+        query = torch.randn(1, 1, N, D, generator=gen)
+        keys = torch.randn(1, 1, M, D, generator=gen).half()
+        keys[0, 0, 15000:15100] = keys[0, 0, 100:200]
+        query[0, 0, 0] = keys[0, 0, 150].float()
+        mask = random_mask(1, M, gen, p=0.95)
+        scores, indices = ops.knn_scan(query, keys, torch.tensor([M - 3]), mask, k)
+        check_knn(query, keys, torch.tensor([M - 3]), mask, k, scores, indices)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_knn_scan_row_paths_nan_query_rows(gen):
+    # NaN query rows inside a 16-row lane group must not disturb their neighbours.
+    B, H, N, M, D, k = 1, 2, 20, 700, 32, 10
+    query = torch.randn(B, H, N, D, generator=gen)
+    query[0, 0, 5] = float("nan")
+    query[0, 1, 17] = float("nan")
+    keys = torch.randn(B, H, M, D, generator=gen).bfloat16()
+    keys[0, 1, 450] = 1e30  # +-inf scores
+    scores, indices = ops.knn_scan(query, keys, None, None, k)
+    assert (indices[0, 0, 5] == -1).all() and (indices[0, 1, 17] == -1).all()
+    check_knn(query, keys, None, None, k, scores, indices)
+
+
 # ---------------------------------------------------------------------------------------------
 # flash_scan
 
@@ -355,6 +419,39 @@ def test_flash_scan_memory_split(N, causal_lq, gen):
         check_attention(out, lse, ref_out, ref_lse)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("N", STREAM_NS)
+@pytest.mark.parametrize("kdtype,vdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                                           (torch.float16, torch.bfloat16)])
+def test_flash_scan_row_paths(N, kdtype, vdtype, gen):
+    B, H, M, D = 2, 1, 1100, 100
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, kdtype, strided=True, gen=gen)
+    values = make_memory(B, H, M, D, vdtype, gen=gen)
+    keys[0, :, 9, 2] = float("nan")  # NaN score: dropped like a masked slot
+    keys[1, :, 500:530] = float("nan")
+    lengths = torch.tensor([M, 777])
+    mask = random_mask(B, M, gen, p=0.85)
+    valid = validity(B, M, lengths, mask)
+    values.masked_fill_(~valid[:, None, :, None], float("nan"))  # garbage in invalid slots
+    out, lse = ops.flash_scan(query, keys, values, lengths, mask, 0.1, 0)
+    ref_out, ref_lse = ref_attention(query, keys, values.nan_to_num(0.0), valid, 0.1, 0)
+    check_attention(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("G,Lq,M", [(3, 3, 600), (3, 11, 20), (4, 8, 300), (2, 32, 40), (1, 64, 513), (5, 13, 700)])
+def test_flash_scan_row_paths_causal(G, Lq, M, gen):
+    B, H, D = 1, 2, 48
+    N = G * Lq
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, torch.bfloat16, strided=True, gen=gen)
+    values = make_memory(B, H, M, D, torch.float32, gen=gen)
+    mask = random_mask(B, M, gen, p=0.9)
+    valid = validity(B, M, None, mask)
+    out, lse = ops.flash_scan(query, keys, values, None, mask, 0.2, Lq)
+    ref_out, ref_lse = ref_attention(query, keys, values, valid, 0.2, Lq)
+    check_attention(out, lse, ref_out, ref_lse)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,12 @@
 //     (invalid slots zeroed so that 0-weights never meet garbage).
 //   * Few rows (N <= 8 per work item, decode): no packing, keys are dotted straight from the memory
 //     rows (software prefetch), which keeps the scan memory-bandwidth bound.
+//   * 9..64 rows per work item ("stream" path): packing the key block would cost about as much as
+//     the arithmetic, so the queries are packed transposed instead (rows in lanes, 1-4 zmm per d)
+//     and chunks of 6-16 key rows are only converted to fp32 (no transpose) into an L1 buffer; the
+//     kernel broadcasts key elements against the query vectors (scores land with rows in lanes).
+//     knn compares each key's row-vector of scores against a vector of row thresholds (same
+//     reservoir/compaction as below); flash transposes the scores 16x16 into its row-major block.
 //   * Work items are (b*h, row chunk, memory split); memory splits are merged exactly afterwards
 //     (top-k lists by the (score desc, index asc) order, attention partials by log-sum-exp).
 // Without AVX-512 (portable build) the same structure runs with scalar/auto-vectorised kernels.
@@ -744,6 +750,278 @@ void select_from_scores(RowRes& rr, const float* S, int64_t cnt, const uint32_t*
 }
 
 // ------------------------------------------------------------------------------------------
+// Stream path (few rows per work item, kDirectMax < nrows <= kStreamMax): no per-block transpose
+// of the keys. Queries are packed transposed, Qt [Dq][W] with W = NG*16 (rows in lanes, zero
+// padded). Chunks of KB key rows are converted to fp32 into an L1 buffer [nch][KB][16] (a plain
+// row copy/convert, 16 d per vector) and the kernel broadcasts key elements against the query
+// vectors: acc[i][g] (lanes = 16 rows) = <q[g*16 + lane], key[i]>. The resulting [KB][W] score
+// tile has rows in lanes, so knn compares it directly against a vector of row thresholds; flash
+// transposes it 16x16 into the row-major score block.
+constexpr int kDirectMax = kSmallN;  // direct path up to here (measured faster than the stream path)
+constexpr int kStreamMax = 64;
+
+// Keys per register tile for NG row groups: KB * NG accumulators + NG query vectors <= 32 zmm
+// (KB <= 16: the tile's validity bits and the key buffer [nch][KB][16] are sized for it; NG=1 with
+// 8 or 16 keys measured alike, 24 spills).
+template <int NG>
+constexpr int stream_kb() { return NG == 1 ? 16 : NG == 2 ? 12 : NG == 3 ? 8 : 6; }
+
+// rows [0, rows) of q ([rows][D]) -> Qt [Dq][NG*16], zero padded.
+void pack_queries_t(const float* q, int64_t rows, int64_t D, int NG, float* out) {
+  const int64_t Dq = cdiv(std::max<int64_t>(D, 1), 16) * 16;
+  const int64_t W = NG * 16;
+  std::fill(out, out + Dq * W, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) out[d * W + r] = q[r * D + d];
+}
+
+// Slots [m, m + KB) (only the first cnt are read; the rest are zero) -> buf [nch][KB][16].
+template <typename T, int KB>
+FOT_INLINE void stream_convert(const MemView& v, int64_t b, int64_t h, int64_t m, int64_t cnt, int64_t D,
+                               float* buf) {
+  const int64_t nch = cdiv(std::max<int64_t>(D, 1), 16);
+#if FOT_AVX512
+  const int64_t row_bytes = D * (int64_t)sizeof(T);
+  for (int i = 0; i < KB; ++i) {
+    if (i < cnt) {
+      {  // prefetches never fault: running past the block (or the tensor) is harmless
+        const char* rp = v.row(b, h, m + i + 3 * KB);
+        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(rp + off, _MM_HINT_T0);
+      }
+      const T* row = reinterpret_cast<const T*>(v.row(b, h, m + i));
+      for (int64_t c = 0; c < nch; ++c) {
+        const int64_t nd = std::min<int64_t>(16, D - c * 16);
+        const __mmask16 dm = (__mmask16)((nd == 16) ? 0xFFFF : ((1u << nd) - 1u));
+        _mm512_store_ps(buf + (c * KB + i) * 16, load16<T>(row + c * 16, dm));
+      }
+    } else {
+      for (int64_t c = 0; c < nch; ++c) _mm512_store_ps(buf + (c * KB + i) * 16, _mm512_setzero_ps());
+    }
+  }
+#else
+  for (int i = 0; i < KB; ++i) {
+    const T* row = i < cnt ? reinterpret_cast<const T*>(v.row(b, h, m + i)) : nullptr;
+    for (int64_t d = 0; d < nch * 16; ++d)
+      buf[((d >> 4) * KB + i) * 16 + (d & 15)] = (row && d < D) ? to_f32(row[d]) : 0.f;
+  }
+#endif
+}
+
+// St [KB][NG*16] = scores of the KB converted keys against the packed query tile.
+template <int NG, int KB>
+FOT_INLINE void stream_tile(int64_t nch, const float* Qt, const float* buf, float* St) {
+  constexpr int W = NG * 16;
+#if FOT_AVX512
+  __m512 acc[KB][NG];
+#pragma GCC unroll 16
+  for (int i = 0; i < KB; ++i)
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) acc[i][g] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nch; ++c) {
+    const float* qc = Qt + c * 16 * W;
+    const float* bc = buf + c * KB * 16;
+#pragma GCC unroll 16
+    for (int dd = 0; dd < 16; ++dd) {
+      __m512 q[NG];
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) q[g] = _mm512_load_ps(qc + dd * W + g * 16);
+#pragma GCC unroll 16
+      for (int i = 0; i < KB; ++i) {
+        const __m512 a = _mm512_set1_ps(bc[i * 16 + dd]);
+#pragma GCC unroll 4
+        for (int g = 0; g < NG; ++g) acc[i][g] = _mm512_fmadd_ps(a, q[g], acc[i][g]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < KB; ++i)
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) _mm512_store_ps(St + i * W + g * 16, acc[i][g]);
+#else
+  for (int i = 0; i < KB; ++i)
+    for (int l = 0; l < W; ++l) {
+      float s = 0.f;
+      for (int64_t d = 0; d < nch * 16; ++d) s += Qt[d * W + l] * buf[((d >> 4) * KB + i) * 16 + (d & 15)];
+      St[i * W + l] = s;
+    }
+#endif
+}
+
+// Per-row thresholds in lane layout for the knn stream path.
+struct StreamThr {
+  alignas(64) float thr[kStreamMax];  // rr.thr when full, +inf otherwise (never passes GT)
+  uint16_t rowmask[kStreamMax / 16];  // rows that exist
+  uint16_t notfull[kStreamMax / 16];  // rows not yet full: every non-NaN score is a candidate
+  void init(int64_t nrows) {
+    for (int r = 0; r < kStreamMax; ++r) thr[r] = std::numeric_limits<float>::infinity();
+    for (int g = 0; g < kStreamMax / 16; ++g) {
+      const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, nrows - g * 16));
+      rowmask[g] = (uint16_t)(n == 16 ? 0xFFFFu : ((1u << n) - 1u));
+      notfull[g] = rowmask[g];
+    }
+  }
+  void update(int r, const RowRes& rr) {
+    if (rr.full) {
+      thr[r] = rr.thr;
+      notfull[r >> 4] &= (uint16_t)~(1u << (r & 15));
+    }
+  }
+};
+
+// Appends the candidates of a score tile St [KB][NG*16] (key i = slot slot0 + i, valid when bit i
+// of kbits is set). Keys are visited in increasing slot order, as the threshold ties require.
+template <int NG, int KB>
+FOT_INLINE void stream_select(const float* St, uint32_t kbits, int32_t slot0, StreamThr& st, RowRes* rows, int64_t k,
+                              CompactScratch& tmp) {
+  constexpr int W = NG * 16;
+  const int64_t cap = reservoir_cap(k);
+  while (kbits) {
+    const int i = __builtin_ctz(kbits);
+    kbits &= kbits - 1;
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) {
+      const float* s = St + i * W + g * 16;
+#if FOT_AVX512
+      const __m512 x = _mm512_load_ps(s);
+      uint32_t m = _mm512_mask_cmp_ps_mask(st.rowmask[g], x, _mm512_load_ps(st.thr + g * 16), _CMP_GT_OQ);
+      if (st.notfull[g]) m |= _mm512_mask_cmp_ps_mask(st.notfull[g], x, x, _CMP_ORD_Q);
+#else
+      uint32_t m = 0;
+      for (int l = 0; l < 16; ++l) {
+        if (!((st.rowmask[g] >> l) & 1u)) continue;
+        const bool nf = (st.notfull[g] >> l) & 1u;
+        if (nf ? !std::isnan(s[l]) : s[l] > st.thr[g * 16 + l]) m |= 1u << l;
+      }
+#endif
+      while (__builtin_expect(m != 0, 0)) {
+        const int l = __builtin_ctz(m);
+        m &= m - 1;
+        const int r = g * 16 + l;
+        const float sc = s[l];
+        RowRes& rr = rows[r];
+        if (rr.cnt >= cap) {
+          compact(rr, k, tmp, false);
+          st.update(r, rr);
+          if (!(sc > rr.thr)) continue;
+        }
+        rr.s[rr.cnt] = sc;
+        rr.i[rr.cnt] = slot0 + i;
+        ++rr.cnt;
+      }
+    }
+  }
+}
+
+// Chunk bits [j0, j0 + n) of a block's validity words (bits has one readable word past the end).
+FOT_INLINE uint32_t chunk_bits(const uint32_t* bits, int64_t j0, int64_t n) {
+  const uint64_t w = (uint64_t)bits[j0 >> 5] | ((uint64_t)bits[(j0 >> 5) + 1] << 32);
+  return (uint32_t)(w >> (j0 & 31)) & (uint32_t)((1ull << n) - 1ull);
+}
+
+struct StreamBufs {
+  float* kbuf;  // [nch][16][16]
+  float* St;    // [16][64] (knn) or [C + 16][W] (flash)
+};
+
+template <typename T, int NG>
+void knn_stream_block_t(const MemView& v, int64_t b, int64_t h, int64_t mb, int64_t cnt, const uint32_t* bits,
+                        int64_t D, const float* Qt, StreamBufs bf, StreamThr& st, RowRes* rows, int64_t k,
+                        CompactScratch& tmp) {
+  constexpr int KB = stream_kb<NG>();
+  const int64_t nch = cdiv(std::max<int64_t>(D, 1), 16);
+  for (int64_t j0 = 0; j0 < cnt; j0 += KB) {
+    const int64_t n = std::min<int64_t>(KB, cnt - j0);
+    const uint32_t kb = chunk_bits(bits, j0, n);
+    if (!kb) continue;
+    stream_convert<T, KB>(v, b, h, mb + j0, n, D, bf.kbuf);
+    stream_tile<NG, KB>(nch, Qt, bf.kbuf, bf.St);
+    stream_select<NG, KB>(bf.St, kb, (int32_t)(mb + j0), st, rows, k, tmp);
+  }
+}
+
+template <typename T>
+void knn_stream_block_n(int NG, const MemView& v, int64_t b, int64_t h, int64_t mb, int64_t cnt, const uint32_t* bits,
+                        int64_t D, const float* Qt, StreamBufs bf, StreamThr& st, RowRes* rows, int64_t k,
+                        CompactScratch& tmp) {
+  switch (NG) {
+    case 1: return knn_stream_block_t<T, 1>(v, b, h, mb, cnt, bits, D, Qt, bf, st, rows, k, tmp);
+    case 2: return knn_stream_block_t<T, 2>(v, b, h, mb, cnt, bits, D, Qt, bf, st, rows, k, tmp);
+    case 3: return knn_stream_block_t<T, 3>(v, b, h, mb, cnt, bits, D, Qt, bf, st, rows, k, tmp);
+    case 4: return knn_stream_block_t<T, 4>(v, b, h, mb, cnt, bits, D, Qt, bf, st, rows, k, tmp);
+    default: TORCH_CHECK(false, "knn_stream_block: bad group count ", NG);
+  }
+}
+
+void knn_stream_block(int NG, const MemView& v, int64_t b, int64_t h, int64_t mb, int64_t cnt, const uint32_t* bits,
+                      int64_t D, const float* Qt, StreamBufs bf, StreamThr& st, RowRes* rows, int64_t k,
+                      CompactScratch& tmp) {
+  switch (v.dtype) {
+    case at::kFloat: return knn_stream_block_n<float>(NG, v, b, h, mb, cnt, bits, D, Qt, bf, st, rows, k, tmp);
+    case at::kBFloat16:
+      return knn_stream_block_n<c10::BFloat16>(NG, v, b, h, mb, cnt, bits, D, Qt, bf, st, rows, k, tmp);
+    case at::kHalf: return knn_stream_block_n<c10::Half>(NG, v, b, h, mb, cnt, bits, D, Qt, bf, st, rows, k, tmp);
+    default: TORCH_CHECK(false, "unsupported memory dtype ", v.dtype);
+  }
+}
+
+// Flash: scores of the first `cnt` slots of a block (validity bits as in knn) into S [nrows][ldS]
+// (row-major, columns rounded up to 16 are written; skipped chunks leave stale values, which the
+// validity masks of softmax_step exclude). Stm: [ldS + 16][W] scratch.
+template <typename T, int NG>
+void flash_stream_scores_t(const MemView& v, int64_t b, int64_t h, int64_t mb, int64_t cnt, const uint32_t* bits,
+                           int64_t D, const float* Qt, int64_t nrows, float* kbuf, float* Stm, float* S, int64_t ldS) {
+  constexpr int KB = stream_kb<NG>();
+  constexpr int W = NG * 16;
+  const int64_t nch = cdiv(std::max<int64_t>(D, 1), 16);
+  for (int64_t j0 = 0; j0 < cnt; j0 += KB) {
+    const int64_t n = std::min<int64_t>(KB, cnt - j0);
+    if (!chunk_bits(bits, j0, n)) continue;
+    stream_convert<T, KB>(v, b, h, mb + j0, n, D, kbuf);
+    stream_tile<NG, KB>(nch, Qt, kbuf, Stm + j0 * W);
+  }
+  for (int64_t j0 = 0; j0 < cnt; j0 += 16) {
+    for (int g = 0; g < NG; ++g) {
+      const int64_t nr = std::min<int64_t>(16, nrows - g * 16);
+      if (nr <= 0) break;
+#if FOT_AVX512
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(Stm + (j0 + i) * W + g * 16);
+      transpose16(r);
+      for (int64_t l = 0; l < nr; ++l) _mm512_storeu_ps(S + (g * 16 + l) * ldS + j0, r[l]);
+#else
+      for (int i = 0; i < 16; ++i)
+        for (int64_t l = 0; l < nr; ++l) S[(g * 16 + l) * ldS + j0 + i] = Stm[(j0 + i) * W + g * 16 + l];
+#endif
+    }
+  }
+}
+
+template <typename T>
+void flash_stream_scores_n(int NG, const MemView& v, int64_t b, int64_t h, int64_t mb, int64_t cnt,
+                           const uint32_t* bits, int64_t D, const float* Qt, int64_t nrows, float* kbuf, float* Stm,
+                           float* S, int64_t ldS) {
+  switch (NG) {
+    case 1: return flash_stream_scores_t<T, 1>(v, b, h, mb, cnt, bits, D, Qt, nrows, kbuf, Stm, S, ldS);
+    case 2: return flash_stream_scores_t<T, 2>(v, b, h, mb, cnt, bits, D, Qt, nrows, kbuf, Stm, S, ldS);
+    case 3: return flash_stream_scores_t<T, 3>(v, b, h, mb, cnt, bits, D, Qt, nrows, kbuf, Stm, S, ldS);
+    case 4: return flash_stream_scores_t<T, 4>(v, b, h, mb, cnt, bits, D, Qt, nrows, kbuf, Stm, S, ldS);
+    default: TORCH_CHECK(false, "flash_stream_scores: bad group count ", NG);
+  }
+}
+
+void flash_stream_scores(int NG, const MemView& v, int64_t b, int64_t h, int64_t mb, int64_t cnt, const uint32_t* bits,
+                         int64_t D, const float* Qt, int64_t nrows, float* kbuf, float* Stm, float* S, int64_t ldS) {
+  switch (v.dtype) {
+    case at::kFloat: return flash_stream_scores_n<float>(NG, v, b, h, mb, cnt, bits, D, Qt, nrows, kbuf, Stm, S, ldS);
+    case at::kBFloat16:
+      return flash_stream_scores_n<c10::BFloat16>(NG, v, b, h, mb, cnt, bits, D, Qt, nrows, kbuf, Stm, S, ldS);
+    case at::kHalf:
+      return flash_stream_scores_n<c10::Half>(NG, v, b, h, mb, cnt, bits, D, Qt, nrows, kbuf, Stm, S, ldS);
+    default: TORCH_CHECK(false, "unsupported memory dtype ", v.dtype);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // Work plan: items = BH * row_chunks * splits, chosen so that every thread gets the same amount
 // of work when possible (row chunks first, memory splits when there are too few rows).
 struct Plan {
@@ -932,7 +1210,11 @@ std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     Scratch panel_buf, bits_buf, qbuf, rs_buf, ri_buf;
     float* panels = panel_buf.get<float>(kKnnBlock * std::max<int64_t>(std::max<int64_t>(D, kSmallN), 1));
-    uint32_t* bits = bits_buf.get<uint32_t>(kKnnBlock / 32);
+    uint32_t* bits = bits_buf.get<uint32_t>(kKnnBlock / 32 + 2);
+    Scratch kb_buf, st_buf;
+    const StreamBufs sbf{kb_buf.get<float>(cdiv(std::max<int64_t>(D, 1), 16) * 16 * 16),
+                         st_buf.get<float>(16 * kStreamMax)};
+    StreamThr sthr;
     std::vector<RowRes> rows;
     CompactScratch tmp;
     for (int64_t it = begin; it < end; ++it) {
@@ -950,10 +1232,16 @@ std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at
       int32_t* ri = ri_buf.get<int32_t>(nrows * stride);
       rows.resize(nrows);
       for (int64_t r = 0; r < nrows; ++r) rows[r] = RowRes{rs + r * stride, ri + r * stride, 0, 0, kNegInf};
-      const bool small = nrows <= kSmallN;
-      float* q = qbuf.get<float>(std::max(cdiv(nrows, MR) * MR * D, nrows * cdiv(D, 16) * 16));
+      const bool small = nrows <= kDirectMax;
+      const bool stream = !small && nrows <= kStreamMax;
+      const int NG = (int)cdiv(nrows, 16);
+      float* q = qbuf.get<float>(std::max(std::max(cdiv(nrows, MR) * MR * D, nrows * cdiv(D, 16) * 16),
+                                          cdiv(std::max<int64_t>(D, 1), 16) * 16 * kStreamMax));
       if (small) {
         pad_queries(qp + (bh * N + n0) * D, nrows, D, q);
+      } else if (stream) {
+        pack_queries_t(qp + (bh * N + n0) * D, nrows, D, NG, q);
+        sthr.init(nrows);
       } else {
         pack_queries(qp + (bh * N + n0) * D, nrows, D, q);
       }
@@ -961,6 +1249,10 @@ std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at
         const int64_t cnt = std::min(kKnnBlock, m1 - mb);
         const int64_t npan = cdiv(cnt, NR);
         val.fill_bits(b, mb, cnt, bits);
+        if (stream) {
+          knn_stream_block(NG, kv, b, h, mb, cnt, bits, D, q, sbf, sthr, rows.data(), k, tmp);
+          continue;
+        }
         if (small) {
           bool any = false;
           for (int64_t w = 0; w < npan; ++w) any |= bits[w] != 0;
@@ -1080,8 +1372,11 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
     Scratch kbuf, vbuf, sbuf, obuf, bbuf, qbuf;
     float* kp = kbuf.get<float>(C * std::max<int64_t>(D, 1));
     float* vs = vbuf.get<float>(C * Dp);
-    float* S = sbuf.get<float>(MR * C);
-    uint32_t* bits = bbuf.get<uint32_t>(C / 32);
+    float* S = sbuf.get<float>(std::max<int64_t>(MR, kStreamMax) * C);
+    uint32_t* bits = bbuf.get<uint32_t>(C / 32 + 2);
+    Scratch skb_buf, stm_buf;
+    float* skb = skb_buf.get<float>(cdiv(std::max<int64_t>(D, 1), 16) * 16 * 16);
+    float* Stm = stm_buf.get<float>((C + 16) * kStreamMax);
     std::vector<float> mrow, lrow, alpha(MR);
     std::vector<int64_t> lim;
     for (int64_t it = begin; it < end; ++it) {
@@ -1109,10 +1404,15 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
       } else {
         for (int64_t r = 0; r < nrows; ++r) lim[r] = std::numeric_limits<int64_t>::max() / 2;
       }
-      const bool small = nrows <= kSmallN;
-      float* q = qbuf.get<float>(std::max(cdiv(nrows, MR) * MR * D, nrows * cdiv(D, 16) * 16));
+      const bool small = nrows <= kDirectMax;
+      const bool stream = !small && nrows <= kStreamMax;
+      const int NG = (int)cdiv(nrows, 16);
+      float* q = qbuf.get<float>(std::max(std::max(cdiv(nrows, MR) * MR * D, nrows * cdiv(D, 16) * 16),
+                                          cdiv(std::max<int64_t>(D, 1), 16) * 16 * kStreamMax));
       if (small) {
         pad_queries(qp + (bh * N + n0) * D, nrows, D, q);
+      } else if (stream) {
+        pack_queries_t(qp + (bh * N + n0) * D, nrows, D, NG, q);
       } else {
         pack_queries(qp + (bh * N + n0) * D, nrows, D, q);
       }
@@ -1123,7 +1423,13 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
         bool any = false;
         for (int64_t w = 0; w < cntp / 32; ++w) any |= bits[w] != 0;
         if (!any) continue;
-        if (!small) pack_panels(kv, b, h, mb, cnt, D, kp);
+        if (stream) {
+          const int64_t used_all =
+              causal_lq > 0 ? std::min(cntp, cdiv(std::max<int64_t>(0, lim_max - mb + 1), NR) * NR) : cntp;
+          flash_stream_scores(NG, kv, b, h, mb, std::min(cnt, used_all), bits, D, q, nrows, skb, Stm, S, C);
+        } else if (!small) {
+          pack_panels(kv, b, h, mb, cnt, D, kp);
+        }
         convert_rows(vv, b, h, mb, cnt, cntp, D, Dp, bits, vs);
         for (int64_t r0 = 0; r0 < nrows; r0 += MR) {
           const int R = (int)std::min<int64_t>(MR, nrows - r0);
@@ -1132,18 +1438,21 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
           const int64_t used = std::min(cntp, cdiv(std::max<int64_t>(0, tl - mb + 1), NR) * NR);
           if (used <= 0) continue;
           const GemmFn fq = kGemmQ[R], fp = kGemmP[R];
-          if (small) {
+          float* const St = stream ? S + r0 * C : S;
+          if (stream) {
+            // scores of all rows were computed above
+          } else if (small) {
             direct_scores(R, kv, b, h, mb, std::min(cnt, used), q, D, S, C);
           } else {
             for (int64_t p = 0; p < used / NR; ++p) fq(D, q + r0 * D, kp + p * D * NR, NR, S + p * NR, C, nullptr);
           }
           bool live = false;
           for (int r = 0; r < R; ++r) {
-            alpha[r] = softmax_step(S + r * C, used, bits, lim[r0 + r] - mb, scale, mrow[r0 + r], lrow[r0 + r]);
+            alpha[r] = softmax_step(St + r * C, used, bits, lim[r0 + r] - mb, scale, mrow[r0 + r], lrow[r0 + r]);
             live |= mrow[r0 + r] != kNegInf;
           }
           if (!live) continue;
-          for (int64_t j = 0; j < Dp; j += NR) fp(used, S, vs + j, Dp, O + r0 * Dp + j, Dp, alpha.data());
+          for (int64_t j = 0; j < Dp; j += NR) fp(used, St, vs + j, Dp, O + r0 * Dp + j, Dp, alpha.data());
         }
       }
       for (int64_t r = 0; r < nrows; ++r) {
