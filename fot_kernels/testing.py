@@ -108,6 +108,9 @@ def check_knn(
         raise AssertionError("knn: the selected slots' exact scores differ from the true top-k scores")
     if (scores[..., 1:] > scores[..., :-1]).any():
         raise AssertionError("knn: scores are not in descending order")
+    equal = (scores[..., 1:] == scores[..., :-1]) & ~pad[..., 1:]
+    if (indices[..., 1:] <= indices[..., :-1])[equal].any():
+        raise AssertionError("knn: equal scores must be ordered by ascending index")
     # outside near-ties the indices must be exactly the reference's
     gap_prev = torch.cat([torch.full_like(ref_s[..., :1], float("inf")), (ref_s[..., :-1] - ref_s[..., 1:]).abs()], -1)
     gap_next = torch.cat([(ref_s[..., :-1] - ref_s[..., 1:]).abs(), torch.full_like(ref_s[..., :1], float("inf"))], -1)
