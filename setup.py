@@ -6,8 +6,9 @@
 - The CUDA extension (csrc/cuda/*.cu -> fot_kernels._C) is built when torch with CUDA and nvcc
   are usable in the build environment (e.g. `pip install --no-build-isolation -e .` on a GPU
   machine), or when FOT_KERNELS_BUILD_CUDA=1, which fails loudly if it is impossible;
-  FOT_KERNELS_BUILD_CUDA=0 never builds it. Arch list: TORCH_CUDA_ARCH_LIST (default "8.0;9.0");
-  parallel jobs: MAX_JOBS.
+  FOT_KERNELS_BUILD_CUDA=0 never builds it. Arch list: TORCH_CUDA_ARCH_LIST (default
+  "8.0;9.0+PTX": sm_80 and sm_90 code, plus PTX that newer GPUs JIT-compile); parallel jobs:
+  MAX_JOBS.
 """
 
 import os
@@ -65,9 +66,9 @@ def cuda_extension():
         if forced:
             _fail("; ".join(problems))
         return [], {}
-    # sm_80 and sm_90 machine code (the kernels use WMMA / mma.sync, nothing sm_90a-only); a
-    # TORCH_CUDA_ARCH_LIST in the environment wins. MAX_JOBS bounds ninja's parallel compiles.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # sm_80 and sm_90 machine code (the kernels use WMMA / mma.sync, nothing sm_90a-only) and
+    # compute_90 PTX for newer GPUs; a TORCH_CUDA_ARCH_LIST in the environment wins. MAX_JOBS bounds ninja's parallel compiles.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.h*"))
     headers += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cuh"))
     ext = CUDAExtension(

@@ -61,16 +61,41 @@ def cpu_kernels(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["cpu", "cpu-pytorch-kernels", "streaming", "cuda"])
+def emulate_cuda_backend(monkeypatch):
+    """Point the cuda backend at csrc/cuda's kernels built for the CPU emulator (tests/cuda_emu):
+    the backend's own code path, on CPU tensors. Skipped without a compiler, unless
+    FOT_KERNELS_REQUIRE_CPU_EXT=1 (CI), where a failed build fails the test."""
+    import cuda_emu
+    from fot_kernels.backends import cuda
+
+    try:
+        ops = cuda_emu.load()
+    except Exception as exc:  # a missing compiler, or a build error in csrc/cuda
+        msg = f"CUDA emulator build failed: {exc}"
+        if os.environ.get("FOT_KERNELS_REQUIRE_CPU_EXT") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    cuda_emu.configure()
+    monkeypatch.setattr(cuda, "_EXTENSION_REASON", None)
+    monkeypatch.setattr(cuda, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda, "_ops", lambda: ops)
+    return ops
+
+
+@pytest.fixture(params=["cpu", "cpu-pytorch-kernels", "streaming", "cuda-emulated", "cuda"])
 def impl(request, monkeypatch):
     """A production backend to test: ``impl.name`` (the ``backend=`` argument), ``impl.device``
-    (where the inputs live), ``impl.kind`` (the parameter)."""
+    (where the inputs live), ``impl.kind`` (the parameter). "cuda-emulated" runs the cuda backend
+    with csrc/cuda's kernels on the CPU (tests/cuda_emu), "cuda" on a GPU."""
     kind = request.param
     if kind.startswith("cpu"):
         _use_cpu_kernels("ext" if kind == "cpu" else "torch", monkeypatch)
         return SimpleNamespace(name="cpu", device="cpu", kind=kind)
     if kind == "streaming":
         return SimpleNamespace(name="streaming", device=DEVICE, kind=kind)
+    if kind == "cuda-emulated":
+        emulate_cuda_backend(monkeypatch)
+        return SimpleNamespace(name="cuda", device="cpu", kind=kind)
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from fot_kernels.backends import cuda

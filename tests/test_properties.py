@@ -1,4 +1,6 @@
-"""Property-based tests (hypothesis): random shapes, masks and k, cpu backend vs the reference."""
+"""Property-based tests (hypothesis): random shapes, masks and k against the reference, for the
+cpu backend (C++ kernels and PyTorch fallback kernels) and the cuda backend's kernels run by the
+CPU emulator (tests/cuda_emu)."""
 
 import os
 
@@ -39,24 +41,27 @@ def _case(p):
                      strided_memory=p["strided"])  # fmt: skip
 
 
-@pytest.mark.usefixtures("cpu_kernels")
+backends = pytest.mark.parametrize("impl", ["cpu", "cpu-pytorch-kernels", "cuda-emulated"], indirect=True)
+
+
+@backends
 @SETTINGS
 @given(p=shapes)
-def test_knn_topk_property(p):
+def test_knn_topk_property(p, impl):
     case = _case(p)
-    scores, indices = fk.knn_topk(case.query, case.mem_keys, p["k"], backend="cpu", **case.memory_kwargs())
+    scores, indices = fk.knn_topk(case.query, case.mem_keys, p["k"], backend=impl.name, **case.memory_kwargs())
     check_knn(scores, indices, case.query, case.mem_keys, p["k"], **case.memory_kwargs())
 
 
-@pytest.mark.usefixtures("cpu_kernels")
+@backends
 @SETTINGS
 @given(p=shapes, dense=st.booleans(), causal=st.booleans())
-def test_memory_attention_property(p, dense, causal):
+def test_memory_attention_property(p, dense, causal, impl):
     case = _case(p)
     topk = None if dense else p["k"]
     kw = dict(topk=topk, causal=causal, **case.memory_kwargs())
     out, lse = fk.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values,
-                                   return_lse=True, backend="cpu", **kw)  # fmt: skip
+                                   return_lse=True, backend=impl.name, **kw)  # fmt: skip
     hi = case.to(torch.float64)
     ref, ref_lse = reference.memory_attention(hi.query, hi.key, hi.value, hi.mem_keys, hi.mem_values, **kw)
     lo, lo_lse = reference.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, **kw)

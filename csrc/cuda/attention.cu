@@ -318,9 +318,10 @@ bool flash_plan(FlashParams& p, const DeviceLimits& lim, const char** why) {
   }
   const int64_t base = cdiv64(p.N, p.bm) * p.B * p.H;
   const int64_t tiles = cdiv64(std::max<int64_t>(p.M, 1), p.bn);
+  const int64_t scratch_per_split = (int64_t)p.B * p.H * p.N * (p.D + 1) * (int64_t)sizeof(float);
   int64_t splits = cdiv64(4LL * lim.num_sms, std::max<int64_t>(base, 1));
   if (p.causal_lq > 0) splits = 1;  // local part: short key ranges, and causal tiles end early
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles / 8, 256}));
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles / 8, 256, kSplitScratchBytes / scratch_per_split}));
   p.split_len = cdiv64(tiles, splits) * p.bn;
   p.splits = (int)std::max<int64_t>(1, cdiv64(p.M, p.split_len));
   return true;

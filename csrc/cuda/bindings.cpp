@@ -10,14 +10,20 @@
 // is float32 (exact fp32 products, SIMT) or the memory's own fp16/bf16 dtype (tensor cores).
 // Outputs: scores float32 / indices int64 [B, Hkv, N, k]; out float32 [B, Hkv, N, D], lse float32
 // [B, Hkv, N]. The Python backend (fot_kernels/backends/cuda.py) registers the fake kernels.
+//
+// FOT_CUDA_EMULATION (defined only by tests/cuda_emu, which compiles these sources as host C++
+// and runs the kernels on the CPU) registers the ops as fot_cuda_emu::* for CPU tensors, without
+// a device guard or stream, and fills every output with NaN / -7777 before the kernels run.
 #ifndef FOT_CUDA_NO_PYTHON_MODULE  // defined only by tests/test_cuda_compile.py where Python.h is missing
 #include <Python.h>
 #endif
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
+#ifndef FOT_CUDA_EMULATION
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -26,7 +32,16 @@
 
 #include "fot_cuda.h"
 
-#define CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
+#ifdef FOT_CUDA_EMULATION
+#define ON_KERNEL_DEVICE(x) (x).device().is_cpu()
+#define DEVICE_GUARD(dev)
+#define CURRENT_STREAM() cudaStream_t(nullptr)
+#else
+#define ON_KERNEL_DEVICE(x) (x).device().is_cuda()
+#define DEVICE_GUARD(dev) const c10::cuda::CUDAGuard device_guard(dev)
+#define CURRENT_STREAM() c10::cuda::getCurrentCUDAStream().stream()
+#endif
+#define CHECK_CUDA(x) TORCH_CHECK(ON_KERNEL_DEVICE(x), #x " must be a CUDA tensor, got ", (x).device())
 #define CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have ", (n), " dims, got shape ", (x).sizes())
 #define CHECK_SHAPE(x, ...)                                                                       \
   TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ \
@@ -97,6 +112,8 @@ bool check_query_mem(const at::Tensor& query, const at::Tensor& mem, const char*
   TORCH_CHECK(mem.size(2) <= std::numeric_limits<int32_t>::max(), mem_name, " must have at most 2^31 - 1 slots, got ",
               mem.size(2));
   TORCH_CHECK(query.size(0) * query.size(1) <= 65535, "B * Hkv must be <= 65535, got shape ", query.sizes());
+  TORCH_CHECK(query.size(2) <= std::numeric_limits<int32_t>::max(), "query must have at most 2^31 - 1 rows, got ",
+              query.sizes());
   const bool tc = query.scalar_type() != at::kFloat;
   TORCH_CHECK(!tc || query.scalar_type() == mem.scalar_type(), "query must be float32 or have ", mem_name,
               "'s dtype ", mem.scalar_type(), ", got ", query.scalar_type());
@@ -126,6 +143,20 @@ void check_validity(const c10::optional<at::Tensor>& mem_lengths, const c10::opt
   }
 }
 
+// Output and scratch allocations; under emulation poisoned, so that an element a kernel forgets
+// to write fails the tests.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#ifdef FOT_CUDA_EMULATION
+  if (at::isFloatingType(t.scalar_type())) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  } else {
+    t.fill_(-7777);
+  }
+#endif
+  return t;
+}
+
 const int64_t* lengths_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<int64_t>() : nullptr; }
 const bool* mask_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<bool>() : nullptr; }
 
@@ -134,13 +165,13 @@ std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at
                                             const c10::optional<at::Tensor>& mem_mask, int64_t k) {
   const bool tc = check_query_mem(query_in, mem_keys, "mem_keys");
   TORCH_CHECK(k >= 1 && k <= kMaxK, "k must be in [1, ", kMaxK, "] for the CUDA kNN scan, got ", k);
-  const c10::cuda::CUDAGuard guard(query_in.device());
+  DEVICE_GUARD(query_in.device());
   const at::Tensor query = query_in.contiguous();
   const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3), M = mem_keys.size(2);
   at::Tensor lengths, mask;
   check_validity(mem_lengths, mem_mask, query, B, M, lengths, mask);
-  at::Tensor scores = at::empty({B, H, N, k}, query.options().dtype(at::kFloat));
-  at::Tensor indices = at::empty({B, H, N, k}, query.options().dtype(at::kLong));
+  at::Tensor scores = empty_output({B, H, N, k}, query.options().dtype(at::kFloat));
+  at::Tensor indices = empty_output({B, H, N, k}, query.options().dtype(at::kLong));
   if (B * H * N == 0) return {scores, indices};
 
   KnnParams p{};
@@ -164,10 +195,10 @@ std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at
   TORCH_CHECK(knn_plan(p, device_limits(query), &why), "fot_cuda::knn_scan: ", why);
   at::Tensor part;
   if (p.splits > 1) {
-    part = at::empty({B * H * N, (int64_t)p.splits, k}, query.options().dtype(at::kLong));
+    part = empty_output({B * H * N, (int64_t)p.splits, k}, query.options().dtype(at::kLong));
     p.part = reinterpret_cast<uint64_t*>(part.data_ptr<int64_t>());
   }
-  CHECK_CUDA_OK(knn_scan_launch(p, c10::cuda::getCurrentCUDAStream()), "knn_scan launch");
+  CHECK_CUDA_OK(knn_scan_launch(p, CURRENT_STREAM()), "knn_scan launch");
   return {scores, indices};
 }
 
@@ -183,14 +214,14 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
               ", got ", values.scalar_type());
   TORCH_CHECK(causal_lq >= 0, "causal_lq must be >= 0, got ", causal_lq);
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  const c10::cuda::CUDAGuard guard(query_in.device());
+  DEVICE_GUARD(query_in.device());
   const at::Tensor query = query_in.contiguous();
   const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3), M = keys.size(2);
   if (causal_lq > 0) TORCH_CHECK(N % causal_lq == 0, "query rows N=", N, " must be a multiple of causal_lq=", causal_lq);
   at::Tensor lengths, mask;
   check_validity(mem_lengths, mem_mask, query, B, M, lengths, mask);
-  at::Tensor out = at::empty({B, H, N, D}, query.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({B, H, N}, query.options().dtype(at::kFloat));
+  at::Tensor out = empty_output({B, H, N, D}, query.options().dtype(at::kFloat));
+  at::Tensor lse = empty_output({B, H, N}, query.options().dtype(at::kFloat));
   if (B * H * N == 0) return {out, lse};
 
   FlashParams p{};
@@ -217,12 +248,12 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
   TORCH_CHECK(flash_plan(p, device_limits(query), &why), "fot_cuda::flash_scan: ", why);
   at::Tensor part_o, part_lse;
   if (p.splits > 1) {
-    part_o = at::empty({B * H * N, (int64_t)p.splits, D}, query.options().dtype(at::kFloat));
-    part_lse = at::empty({B * H * N, (int64_t)p.splits}, query.options().dtype(at::kFloat));
+    part_o = empty_output({B * H * N, (int64_t)p.splits, D}, query.options().dtype(at::kFloat));
+    part_lse = empty_output({B * H * N, (int64_t)p.splits}, query.options().dtype(at::kFloat));
     p.part_o = part_o.data_ptr<float>();
     p.part_lse = part_lse.data_ptr<float>();
   }
-  CHECK_CUDA_OK(flash_scan_launch(p, c10::cuda::getCurrentCUDAStream()), "flash_scan launch");
+  CHECK_CUDA_OK(flash_scan_launch(p, CURRENT_STREAM()), "flash_scan launch");
   return {out, lse};
 }
 
@@ -241,16 +272,17 @@ std::tuple<at::Tensor, at::Tensor> gather_attention(const at::Tensor& scores, co
   CHECK_LAST_CONTIGUOUS(values);
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   const int64_t B = scores.size(0), H = scores.size(1), N = scores.size(2), k = scores.size(3);
+  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "scores must have at most 2^31 - 1 rows, got ", scores.sizes());
   CHECK_SHAPE(indices, B, H, N, k);
   TORCH_CHECK(values.size(0) == B && values.size(1) == H, "values must have shape [B, Hkv, M, D] with B=", B,
               ", Hkv=", H, ", got ", values.sizes());
   const int64_t M = values.size(2), D = values.size(3);
   TORCH_CHECK(D >= 1 && D <= 256, "values head dim must be in [1, 256], got ", D);
-  const c10::cuda::CUDAGuard guard(scores.device());
+  DEVICE_GUARD(scores.device());
   const at::Tensor scores_c = scores.contiguous();
   const at::Tensor indices_c = indices.contiguous();
-  at::Tensor out = at::empty({B, H, N, D}, scores.options());
-  at::Tensor lse = at::empty({B, H, N}, scores.options());
+  at::Tensor out = empty_output({B, H, N, D}, scores.options());
+  at::Tensor lse = empty_output({B, H, N}, scores.options());
   if (B * H * N == 0) return {out, lse};
   GatherParams p{};
   p.scores = scores_c.data_ptr<float>();
@@ -266,14 +298,11 @@ std::tuple<at::Tensor, at::Tensor> gather_attention(const at::Tensor& scores, co
   p.dtype = dtype_of(values);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
-  CHECK_CUDA_OK(gather_attention_launch(p, c10::cuda::getCurrentCUDAStream()), "gather_attention launch");
+  CHECK_CUDA_OK(gather_attention_launch(p, CURRENT_STREAM()), "gather_attention launch");
   return {out, lse};
 }
 
-}  // namespace
-}  // namespace fot_cuda
-
-TORCH_LIBRARY(fot_cuda, m) {
+void define_ops(torch::Library& m) {
   m.def("knn_scan(Tensor query, Tensor mem_keys, Tensor? mem_lengths, Tensor? mem_mask, int k) -> (Tensor, Tensor)");
   m.def(
       "flash_scan(Tensor query, Tensor keys, Tensor values, Tensor? mem_lengths, Tensor? mem_mask, float scale, "
@@ -281,11 +310,21 @@ TORCH_LIBRARY(fot_cuda, m) {
   m.def("gather_attention(Tensor scores, Tensor indices, Tensor values, float scale) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fot_cuda, CUDA, m) {
-  m.impl("knn_scan", &fot_cuda::knn_scan);
-  m.impl("flash_scan", &fot_cuda::flash_scan);
-  m.impl("gather_attention", &fot_cuda::gather_attention);
+void impl_ops(torch::Library& m) {
+  m.impl("knn_scan", &knn_scan);
+  m.impl("flash_scan", &flash_scan);
+  m.impl("gather_attention", &gather_attention);
 }
+}  // namespace
+}  // namespace fot_cuda
+
+#ifdef FOT_CUDA_EMULATION
+TORCH_LIBRARY(fot_cuda_emu, m) { fot_cuda::define_ops(m); }
+TORCH_LIBRARY_IMPL(fot_cuda_emu, CPU, m) { fot_cuda::impl_ops(m); }
+#else
+TORCH_LIBRARY(fot_cuda, m) { fot_cuda::define_ops(m); }
+TORCH_LIBRARY_IMPL(fot_cuda, CUDA, m) { fot_cuda::impl_ops(m); }
+#endif
 
 // `import fot_kernels._C` loads this library, which runs the registrations above; the module
 // itself is empty (the ops live under torch.ops.fot_cuda).

@@ -21,6 +21,11 @@ constexpr int kThreads = 256;  // every tile kernel: 8 warps
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
 
+// Scratch budget of the memory split: partial results of every (row, split) pair
+// (rows * splits * k * 8 bytes of kNN lists, rows * splits * (D + 1) * 4 bytes of attention
+// partials) stay under it, whatever Lq and M, at some loss of parallelism for short memories.
+constexpr int64_t kSplitScratchBytes = 4 << 20;
+
 __host__ __device__ inline int round_up(int x, int a) { return (x + a - 1) / a * a; }
 __host__ __device__ inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 __host__ __device__ inline int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -204,11 +204,13 @@ bool knn_plan(KnnParams& p, const DeviceLimits& lim, const char** why) {
     *why = "the kNN scan's shared memory does not fit this device";
     return false;
   }
-  // Split the memory so that about 4 blocks per SM are in flight, each scanning >= 8 tiles.
+  // Split the memory so that about 4 blocks per SM are in flight, each scanning >= 8 tiles, with
+  // the partial lists within kSplitScratchBytes.
   const int64_t base = cdiv64(p.N, p.bm) * p.B * p.H;
   const int64_t tiles = cdiv64(std::max<int64_t>(p.M, 1), kBN);
+  const int64_t scratch_per_split = (int64_t)p.B * p.H * p.N * p.k * (int64_t)sizeof(uint64_t);
   int64_t splits = cdiv64(4LL * lim.num_sms, std::max<int64_t>(base, 1));
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles / 8, 256}));
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles / 8, 256, kSplitScratchBytes / scratch_per_split}));
   p.split_len = cdiv64(tiles, splits) * kBN;
   p.splits = (int)std::max<int64_t>(1, cdiv64(p.M, p.split_len));
   return true;

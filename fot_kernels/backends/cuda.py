@@ -61,21 +61,35 @@ def _load_extension() -> str | None:
 
 _EXTENSION_REASON = _load_extension()
 
-if _EXTENSION_REASON is None:
+def register_fakes(namespace: str) -> None:
+    """Fake (meta) kernels of the three ops, for torch.compile and opcheck (tests/cuda_emu also
+    registers them for its CPU build of the same sources, ``fot_cuda_emu``)."""
 
-    @torch.library.register_fake("fot_cuda::knn_scan")
+    @torch.library.register_fake(f"{namespace}::knn_scan")
     def _knn_scan_fake(query, mem_keys, mem_lengths, mem_mask, k):
         shape = (*query.shape[:3], k)
         return query.new_empty(shape, dtype=torch.float32), query.new_empty(shape, dtype=torch.int64)
 
-    @torch.library.register_fake("fot_cuda::flash_scan")
+    @torch.library.register_fake(f"{namespace}::flash_scan")
     def _flash_scan_fake(query, keys, values, mem_lengths, mem_mask, scale, causal_lq):
         return query.new_empty(query.shape, dtype=torch.float32), query.new_empty(query.shape[:3], dtype=torch.float32)
 
-    @torch.library.register_fake("fot_cuda::gather_attention")
+    @torch.library.register_fake(f"{namespace}::gather_attention")
     def _gather_attention_fake(scores, indices, values, scale):
         out = scores.new_empty((*scores.shape[:3], values.shape[3]), dtype=torch.float32)
         return out, scores.new_empty(scores.shape[:3], dtype=torch.float32)
+
+
+if _EXTENSION_REASON is None:
+    register_fakes("fot_cuda")
+
+# Where the kernels' tensors live and which op namespace runs them; tests/cuda_emu swaps in "cpu"
+# and torch.ops.fot_cuda_emu (the same sources built for the CPU) to run the backend without a GPU.
+_DEVICE_TYPE = "cuda"
+
+
+def _ops():
+    return torch.ops.fot_cuda
 
 
 def extension_status() -> str | None:
@@ -94,10 +108,14 @@ def unsupported_reasons(
     topk: int | None = None,
 ) -> list[str]:
     reasons = []
-    if query.device.type != "cuda":
-        reasons.append(f"cuda backend needs CUDA tensors, got {query.device.type}")
+    if query.device.type != _DEVICE_TYPE:
+        reasons.append(f"cuda backend needs {_DEVICE_TYPE.upper()} tensors, got {query.device.type}")
     if _EXTENSION_REASON is not None:
         reasons.append(_EXTENSION_REASON)
+    elif query.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(query.device)
+        if major < 8:  # the extension holds sm_80 / sm_90 code (+ PTX for newer GPUs) only
+            reasons.append(f"cuda backend needs compute capability >= 8.0 (got {major}.{minor})")
     tensors = {"query": query, "mem_keys": mem_keys, "mem_values": mem_values, "key": key, "value": value}
     reasons += dtype_reasons(_DTYPES, **tensors)
     if mem_values is not None and mem_values.dtype != mem_keys.dtype:
@@ -125,7 +143,7 @@ def _row_dtype(query: Tensor, *others: Tensor) -> torch.dtype:
 
 
 def _kernels() -> SimpleNamespace:
-    return streaming.kernel_set(torch.ops.fot_cuda, _row_dtype)
+    return streaming.kernel_set(_ops(), _row_dtype)
 
 
 def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None):

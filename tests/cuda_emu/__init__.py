@@ -1,0 +1,101 @@
+"""Runs the CUDA C++ kernels of csrc/cuda on the CPU, so that CI (which has no GPU) executes them.
+
+``load()`` compiles csrc/cuda/{knn,attention}.cu and bindings.cpp as host C++ against a small CUDA
+emulator (this directory: fake CUDA headers, threads as fibers, WMMA on whole tiles) and registers
+the same ops under ``torch.ops.fot_cuda_emu`` for CPU tensors. See README.md for what the emulator
+checks (barrier and warp-collective convergence, WMMA alignment, launch limits, shared-memory
+bounds, schedule-dependence) and what it does not model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc" / "cuda"
+KERNEL_SOURCES = (CSRC / "knn.cu", CSRC / "attention.cu", HERE / "selftest.cu")
+
+# kernel<<<grid, block, smem, stream>>>(args)  ->  ::fot_emu::launcher(kernel, "kernel", grid, block, smem, stream)(args)
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ]*>)?)<<<")
+# extern __shared__ __align__(N) T name[];  ->  T* name = reinterpret_cast<T*>(::fot_emu::dynamic_smem());
+_DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
+
+_OPS = None
+
+
+def translate(source: str, path: Path) -> str:
+    """The .cu source as host C++ for the emulator (line numbers kept for error messages)."""
+    out = _LAUNCH.sub(lambda m: f'::fot_emu::launcher({m[1]}, "{m[1]}", ', source).replace(">>>(", ")(")
+    out = _DYNAMIC_SMEM.sub(r"\1* \2 = reinterpret_cast<\1*>(::fot_emu::dynamic_smem());", out)
+    for left in ("<<<", ">>>", "extern __shared__"):
+        if left in out:
+            raise RuntimeError(f"{path}: cannot translate {left!r} for the CUDA emulator")
+    return f'#line 1 "{path}"\n{out}'
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def load(verbose: bool | None = None):
+    """Builds (once per process; ninja caches across processes) and returns torch.ops.fot_cuda_emu."""
+    global _OPS
+    if _OPS is not None:
+        return _OPS
+    from torch.utils import cpp_extension
+
+    from fot_kernels.backends import cuda
+
+    build_dir = Path(cpp_extension._get_build_directory("fot_cuda_emu", verbose=False))
+    gen_dir = build_dir / "generated"
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(HERE / "runtime.cpp"), str(HERE / "control.cpp"), str(CSRC / "bindings.cpp")]
+    for path in KERNEL_SOURCES:
+        target = gen_dir / (path.name + ".cpp")
+        _write_if_changed(target, translate(path.read_text(), path))
+        sources.append(str(target))
+    if verbose is None:
+        verbose = os.environ.get("FOT_KERNELS_CPU_EXT_VERBOSE") == "1"
+    cpp_extension.load(
+        name="fot_cuda_emu",
+        sources=sources,
+        extra_include_paths=[str(HERE / "include"), str(CSRC)],
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-DFOT_CUDA_EMULATION", "-DFOT_CUDA_NO_PYTHON_MODULE",
+                      "-Wall", "-Wextra", "-Wno-unused-parameter"],  # fmt: skip
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    cuda.register_fakes("fot_cuda_emu")
+    _OPS = torch.ops.fot_cuda_emu
+    return _OPS
+
+
+def configure(*, num_sms: int = 132, smem_optin: int = 227 * 1024, schedule: str = "forward", seed: int = 0) -> None:
+    """The emulated device (default: an H100's SM count and shared-memory opt-in limit) and the
+    order fibers and blocks run in: "forward", "reverse" or "shuffle" (seeded)."""
+    code = {"forward": 0, "reverse": 1, "shuffle": 2}[schedule]
+    load().emu_configure(num_sms, smem_optin, code, seed)
+
+
+def selftest(which: int) -> tuple[str, int]:
+    """Runs self-test kernel `which` (selftest.cu): (the launch's error message or "", checksum)."""
+    return tuple(load().emu_selftest(which))
+
+
+def stats() -> dict[str, int]:
+    launches, blocks, max_smem = load().emu_stats()
+    return {"launches": launches, "blocks": blocks, "max_dynamic_smem": max_smem}
+
+
+if __name__ == "__main__":  # python tests/cuda_emu: build verbosely
+    sys.path.insert(0, str(ROOT))
+    load(verbose=True)
+    print("built", _OPS)
