@@ -1,8 +1,6 @@
 // fot_cuda attention: flash-style online softmax over keys/values (dense memory with validity,
 // or local keys with the bottom-right causal mask), the log-sum-exp merge of memory splits, and
 // the softmax over gathered kNN slots. See csrc/cuda/README.md.
-#include <algorithm>
-
 #include "common.cuh"
 
 namespace fot_cuda {
@@ -69,13 +67,10 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
   uint8_t* valid_s = smem + L.off_valid;                      // [BN]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = blockIdx.x * BM;
-  const int bh = blockIdx.y, b = bh / p.H, h = bh - b * p.H;
-  const int rows = min(BM, p.N - row0);
-  int64_t len = p.M;
-  if (p.lengths != nullptr) len = max64(0, min64(p.M, p.lengths[b]));
-  const int64_t m_begin = (int64_t)blockIdx.z * p.split_len;
-  int64_t m_end = min64(len, m_begin + p.split_len);
+  const TileCoords t = tile_coords(p);
+  const int row0 = t.row0, rows = t.rows, bh = t.bh, b = t.b, h = t.h;
+  const int64_t m_begin = t.m_begin;
+  int64_t m_end = t.m_end;
   if (p.causal_lq > 0) {  // the last key any row of this tile may see
     const int64_t first = row0 % p.causal_lq;
     const int64_t last_i = (first + rows - 1 >= p.causal_lq) ? p.causal_lq - 1 : first + rows - 1;
@@ -284,25 +279,13 @@ __global__ void __launch_bounds__(kRowWarps * 32) gather_attention_kernel(const 
   if (lane == 0) p.lse[row] = (mx + log2f(total)) * kLn2;
 }
 
-template <typename TK, bool TC>
-cudaError_t launch_flash_typed(const FlashParams& p, cudaStream_t stream) {
-  auto kernel = flash_scan_kernel<TK, TC>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid((unsigned)cdiv64(p.N, p.bm), (unsigned)(p.B * p.H), (unsigned)p.splits);
-  kernel<<<grid, kThreads, p.smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 bool flash_plan(FlashParams& p, const DeviceLimits& lim, const char** why) {
   const int esz = p.tc ? 2 : 4;
-  int first = 16;
-  while (first < 64 && first < p.N) first *= 2;
   p.bm = 0;
   for (int bn = 64; bn >= 32 && p.bm == 0; bn /= 2) {
-    for (int bm = first; bm >= 16; bm /= 2) {
+    for (int bm = first_row_tile(p.N); bm >= 16; bm /= 2) {
       const size_t smem = flash_layout(bm, bn, p.D, p.tc, esz).total;
       if (smem <= (size_t)lim.smem_optin) {
         p.bm = bm;
@@ -316,31 +299,15 @@ bool flash_plan(FlashParams& p, const DeviceLimits& lim, const char** why) {
     *why = "the attention kernel's shared memory does not fit this device";
     return false;
   }
-  const int64_t base = cdiv64(p.N, p.bm) * p.B * p.H;
-  const int64_t tiles = cdiv64(std::max<int64_t>(p.M, 1), p.bn);
-  const int64_t scratch_per_split = (int64_t)p.B * p.H * p.N * (p.D + 1) * (int64_t)sizeof(float);
-  int64_t splits = cdiv64(4LL * lim.num_sms, std::max<int64_t>(base, 1));
-  if (p.causal_lq > 0) splits = 1;  // local part: short key ranges, and causal tiles end early
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles / 8, 256, kSplitScratchBytes / scratch_per_split}));
-  p.split_len = cdiv64(tiles, splits) * p.bn;
-  p.splits = (int)std::max<int64_t>(1, cdiv64(p.M, p.split_len));
+  // the local part (causal) keeps one split: short key ranges, and causal tiles end early
+  plan_splits(p, lim, p.bn, (int64_t)(p.D + 1) * (int64_t)sizeof(float), /*allow=*/p.causal_lq == 0);
   return true;
 }
 
 cudaError_t flash_scan_launch(const FlashParams& p, cudaStream_t stream) {
-  cudaError_t err;
-  switch (p.dtype) {
-    case DType::kFloat16:
-      err = p.tc ? launch_flash_typed<__half, true>(p, stream) : launch_flash_typed<__half, false>(p, stream);
-      break;
-    case DType::kBFloat16:
-      err = p.tc ? launch_flash_typed<__nv_bfloat16, true>(p, stream)
-                 : launch_flash_typed<__nv_bfloat16, false>(p, stream);
-      break;
-    default:
-      err = launch_flash_typed<float, false>(p, stream);
-      break;
-  }
+  const cudaError_t err = dispatch_dtype(p.dtype, p.tc, [&](auto tk, auto tc) {
+    return launch_tiles(flash_scan_kernel<decltype(tk), decltype(tc)::value>, p, stream);
+  });
   if (err != cudaSuccess || p.splits == 1) return err;
   const int64_t rows = (int64_t)p.B * p.H * p.N;
   flash_merge_kernel<<<(unsigned)cdiv64(rows, kRowWarps), kRowWarps * 32, 0, stream>>>(
@@ -351,18 +318,10 @@ cudaError_t flash_scan_launch(const FlashParams& p, cudaStream_t stream) {
 cudaError_t gather_attention_launch(const GatherParams& p, cudaStream_t stream) {
   const int64_t rows = (int64_t)p.B * p.H * p.N;
   const unsigned blocks = (unsigned)cdiv64(rows, kRowWarps);
-  switch (p.dtype) {
-    case DType::kFloat16:
-      gather_attention_kernel<__half><<<blocks, kRowWarps * 32, 0, stream>>>(p);
-      break;
-    case DType::kBFloat16:
-      gather_attention_kernel<__nv_bfloat16><<<blocks, kRowWarps * 32, 0, stream>>>(p);
-      break;
-    default:
-      gather_attention_kernel<float><<<blocks, kRowWarps * 32, 0, stream>>>(p);
-      break;
-  }
-  return cudaGetLastError();
+  return dispatch_dtype(p.dtype, /*tc=*/false, [&](auto tv, auto) {
+    gather_attention_kernel<decltype(tv)><<<blocks, kRowWarps * 32, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace fot_cuda

@@ -160,6 +160,25 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 const int64_t* lengths_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<int64_t>() : nullptr; }
 const bool* mask_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<bool>() : nullptr; }
 
+// The fields the tile kernels share (no plan yet): query rows [B, H, N, D] (contiguous), the
+// memory's shape and dtype, validity pointers.
+ScanParams scan_params(const at::Tensor& query, const at::Tensor& mem, const at::Tensor& lengths, const at::Tensor& mask,
+                       bool tc) {
+  ScanParams p{};
+  p.q = query.data_ptr();
+  p.lengths = lengths_ptr(lengths);
+  p.mask = mask_ptr(mask);
+  p.B = (int)query.size(0);
+  p.H = (int)query.size(1);
+  p.N = (int)query.size(2);
+  p.D = (int)query.size(3);
+  p.M = mem.size(2);
+  p.dtype = dtype_of(mem);
+  p.tc = tc;
+  p.q_vec = vec_bytes(query);
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at::Tensor& mem_keys,
                                             const c10::optional<at::Tensor>& mem_lengths,
                                             const c10::optional<at::Tensor>& mem_mask, int64_t k) {
@@ -167,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at
   TORCH_CHECK(k >= 1 && k <= kMaxK, "k must be in [1, ", kMaxK, "] for the CUDA kNN scan, got ", k);
   DEVICE_GUARD(query_in.device());
   const at::Tensor query = query_in.contiguous();
-  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3), M = mem_keys.size(2);
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), M = mem_keys.size(2);
   at::Tensor lengths, mask;
   check_validity(mem_lengths, mem_mask, query, B, M, lengths, mask);
   at::Tensor scores = empty_output({B, H, N, k}, query.options().dtype(at::kFloat));
@@ -175,19 +194,9 @@ std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at
   if (B * H * N == 0) return {scores, indices};
 
   KnnParams p{};
-  p.q = query.data_ptr();
+  static_cast<ScanParams&>(p) = scan_params(query, mem_keys, lengths, mask, tc);
   p.keys = mem_ref(mem_keys);
-  p.lengths = lengths_ptr(lengths);
-  p.mask = mask_ptr(mask);
-  p.B = (int)B;
-  p.H = (int)H;
-  p.N = (int)N;
-  p.D = (int)D;
   p.k = (int)k;
-  p.M = M;
-  p.dtype = dtype_of(mem_keys);
-  p.tc = tc;
-  p.q_vec = vec_bytes(query);
   p.k_vec = M > 0 ? vec_bytes(mem_keys) : 0;
   p.out_s = scores.data_ptr<float>();
   p.out_i = indices.data_ptr<int64_t>();
@@ -225,21 +234,11 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
   if (B * H * N == 0) return {out, lse};
 
   FlashParams p{};
-  p.q = query.data_ptr();
+  static_cast<ScanParams&>(p) = scan_params(query, keys, lengths, mask, tc);
   p.keys = mem_ref(keys);
   p.values = mem_ref(values);
-  p.lengths = lengths_ptr(lengths);
-  p.mask = mask_ptr(mask);
-  p.B = (int)B;
-  p.H = (int)H;
-  p.N = (int)N;
-  p.D = (int)D;
-  p.M = M;
   p.causal_lq = causal_lq;
   p.scale_log2 = (float)(scale * 1.4426950408889634);
-  p.dtype = dtype_of(keys);
-  p.tc = tc;
-  p.q_vec = vec_bytes(query);
   p.k_vec = M > 0 ? vec_bytes(keys) : 0;
   p.v_vec = M > 0 ? vec_bytes(values) : 0;
   p.out = out.data_ptr<float>();

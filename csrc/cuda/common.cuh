@@ -32,6 +32,74 @@ __host__ __device__ inline int64_t cdiv64(int64_t a, int64_t b) { return (a + b 
 __host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// ------------------------------------------------------------------------ plans and launches
+// Smallest power-of-two row tile in [16, 64] that holds all N rows: the first one a plan tries.
+inline int first_row_tile(int N) {
+  int bm = 16;
+  while (bm < 64 && bm < N) bm *= 2;
+  return bm;
+}
+
+// Cuts the memory into splits so that about 4 blocks per SM are in flight, each scanning >= 8
+// tiles of `bn` slots, with the partial results (scratch_per_row_split bytes per row and split)
+// within kSplitScratchBytes; `allow` false keeps one split.
+inline void plan_splits(ScanParams& p, const DeviceLimits& lim, int bn, int64_t scratch_per_row_split, bool allow) {
+  const int64_t rows = (int64_t)p.B * p.H * p.N;
+  const int64_t base = cdiv64(p.N, p.bm) * p.B * p.H;
+  const int64_t tiles = cdiv64(p.M > 1 ? p.M : 1, bn);
+  int64_t splits = allow ? cdiv64(4LL * lim.num_sms, base > 1 ? base : 1) : 1;
+  splits = min64(min64(splits, tiles / 8), min64(256, kSplitScratchBytes / (rows * scratch_per_row_split)));
+  splits = max64(1, splits);
+  p.split_len = cdiv64(tiles, splits) * bn;
+  p.splits = (int)max64(1, cdiv64(p.M, p.split_len));
+}
+
+// Calls launch(TK(), std::integral_constant<bool, TC>()) for the memory dtype TK and the
+// tensor-core flag TC (fp16/bf16 only).
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, bool tc, F&& launch) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return tc ? launch(__half(), std::true_type()) : launch(__half(), std::false_type());
+    case DType::kBFloat16:
+      return tc ? launch(__nv_bfloat16(), std::true_type()) : launch(__nv_bfloat16(), std::false_type());
+    default:
+      return launch(float(), std::false_type());
+  }
+}
+
+// A tile kernel over grid (row tiles, B*H, splits), kThreads threads, p.smem bytes of dynamic
+// shared memory (opted in above the 48 KB default).
+template <typename P>
+cudaError_t launch_tiles(void (*kernel)(P), const P& p, cudaStream_t stream) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((unsigned)cdiv64(p.N, p.bm), (unsigned)(p.B * p.H), (unsigned)p.splits);
+  kernel<<<grid, kThreads, p.smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// A block's place: rows [row0, row0 + rows) of query row block bh = (b, h), memory slots
+// [m_begin, m_end) of its split (clipped to the batch row's length).
+struct TileCoords {
+  int row0, rows, bh, b, h;
+  int64_t m_begin, m_end;
+};
+
+__device__ __forceinline__ TileCoords tile_coords(const ScanParams& p) {
+  TileCoords t;
+  t.row0 = blockIdx.x * p.bm;
+  t.rows = min(p.bm, p.N - t.row0);
+  t.bh = blockIdx.y;
+  t.b = t.bh / p.H;
+  t.h = t.bh - t.b * p.H;
+  int64_t len = p.M;
+  if (p.lengths != nullptr) len = max64(0, min64(p.M, p.lengths[t.b]));
+  t.m_begin = (int64_t)blockIdx.z * p.split_len;
+  t.m_end = min64(len, t.m_begin + p.split_len);
+  return t;
+}
+
 // ------------------------------------------------------------------------------ conversion
 template <typename T>
 __device__ __forceinline__ float to_float(T x);

@@ -24,26 +24,32 @@ struct DeviceLimits {
   int smem_optin;  // cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes
 };
 
-// ---------------------------------------------------------------------------------- knn_scan
-// query rows [B*H, N, D] contiguous, in the memory dtype when `tc` (tensor cores: fp16/bf16 query
-// and memory of the same dtype), else float32. Writes scores fp32 / indices int64 [B*H, N, k]
-// directly (splits == 1), or sorted packed keys [B*H*N, splits, k] to `part` which
-// knn_merge_splits folds into the outputs.
-struct KnnParams {
+// ------------------------------------------------------------------------------- tile scans
+// What the two tile kernels (knn_scan, flash_scan) share: query rows [B*H, N, D] contiguous, the
+// memory's validity, and the launch plan: grid (row tiles of bm rows, B*H, splits), the memory
+// cut into `splits` ranges of split_len slots, `smem` bytes of dynamic shared memory per block.
+struct ScanParams {
   const void* q;
-  MemRef keys;
   const int64_t* lengths;  // [B] or nullptr
   const bool* mask;        // [B, M] contiguous or nullptr
-  int B, H, N, D, k;
+  int B, H, N, D;
   int64_t M;
   DType dtype;  // memory dtype
-  bool tc;
-  int q_vec, k_vec;  // widest vector load allowed: 16, 8, 4 bytes, or 0 (scalar)
+  bool tc;      // tensor cores: fp16/bf16 query and memory of the same dtype; else fp32 query rows
+  int q_vec;    // widest vector load allowed for the query: 16, 8, 4 bytes, or 0 (scalar)
   // plan
   int bm, splits;
   int64_t split_len;
   size_t smem;
-  // outputs
+};
+
+// ---------------------------------------------------------------------------------- knn_scan
+// Writes scores fp32 / indices int64 [B*H, N, k] directly (splits == 1), or sorted packed keys
+// [B*H*N, splits, k] to `part` which the merge kernel folds into the outputs.
+struct KnnParams : ScanParams {
+  MemRef keys;
+  int k;
+  int k_vec;
   float* out_s;
   int64_t* out_i;
   uint64_t* part;
@@ -62,23 +68,12 @@ cudaError_t knn_scan_launch(const KnnParams& p, cudaStream_t stream);
 // j <= n % causal_lq + M - causal_lq. Outputs out fp32 [B*H, N, D] (normalised) and the natural
 // log-sum-exp fp32 [B*H, N]; splits > 1 writes partials [B*H*N, splits, D] / [B*H*N, splits]
 // that flash_merge_splits combines.
-struct FlashParams {
-  const void* q;
+struct FlashParams : ScanParams {
   MemRef keys, values;
-  const int64_t* lengths;
-  const bool* mask;
-  int B, H, N, D;
-  int64_t M;
   int64_t causal_lq;
   float scale_log2;  // softmax_scale * log2(e)
-  DType dtype;
-  bool tc;
-  int q_vec, k_vec, v_vec;  // as in KnnParams
-  // plan
-  int bm, bn, splits;
-  int64_t split_len;
-  size_t smem;
-  // outputs
+  int k_vec, v_vec;
+  int bn;  // plan: memory slots per tile
   float* out;
   float* lse;
   float* part_o;

@@ -1,7 +1,5 @@
 // fot_cuda kNN scan: fused score tile + on-chip exact top-k, memory split across blocks, and the
 // merge of the splits' sorted lists. See csrc/cuda/README.md for the invariants.
-#include <algorithm>
-
 #include "common.cuh"
 
 namespace fot_cuda {
@@ -72,13 +70,9 @@ __global__ void __launch_bounds__(kThreads, 2) knn_scan_kernel(const KnnParams p
   uint64_t* thr_s = reinterpret_cast<uint64_t*>(smem + L.off_thr);    // [BM]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = blockIdx.x * BM;
-  const int bh = blockIdx.y, b = bh / p.H, h = bh - b * p.H;
-  const int rows = min(BM, p.N - row0);
-  int64_t len = p.M;
-  if (p.lengths != nullptr) len = max64(0, min64(p.M, p.lengths[b]));
-  const int64_t m_begin = (int64_t)blockIdx.z * p.split_len;
-  const int64_t m_end = min64(len, m_begin + p.split_len);
+  const TileCoords t = tile_coords(p);
+  const int row0 = t.row0, rows = t.rows, bh = t.bh, b = t.b, h = t.h;
+  const int64_t m_begin = t.m_begin, m_end = t.m_end;
 
   const TS* qg = reinterpret_cast<const TS*>(p.q) + ((int64_t)bh * p.N + row0) * p.D;
   load_tile<TS, TS>(q_s, L.ldq, qg, p.D, rows, BM, p.D, L.Dp, p.q_vec, nullptr);
@@ -171,16 +165,6 @@ __global__ void __launch_bounds__(kMergeWarps * 32) knn_merge_kernel(const uint6
   }
 }
 
-template <typename TK, bool TC>
-cudaError_t launch_typed(const KnnParams& p, cudaStream_t stream) {
-  auto kernel = knn_scan_kernel<TK, TC>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid((unsigned)cdiv64(p.N, p.bm), (unsigned)(p.B * p.H), (unsigned)p.splits);
-  kernel<<<grid, kThreads, p.smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 bool knn_plan(KnnParams& p, const DeviceLimits& lim, const char** why) {
@@ -189,10 +173,8 @@ bool knn_plan(KnnParams& p, const DeviceLimits& lim, const char** why) {
     return false;
   }
   const int esz = p.tc ? 2 : 4;
-  int first = 16;
-  while (first < 64 && first < p.N) first *= 2;  // smallest row tile that holds all N rows
   p.bm = 0;
-  for (int bm = first; bm >= 16; bm /= 2) {
+  for (int bm = first_row_tile(p.N); bm >= 16; bm /= 2) {
     const size_t smem = knn_layout(bm, p.D, p.k, p.tc, esz).total;
     if (smem <= (size_t)lim.smem_optin) {
       p.bm = bm;
@@ -204,31 +186,14 @@ bool knn_plan(KnnParams& p, const DeviceLimits& lim, const char** why) {
     *why = "the kNN scan's shared memory does not fit this device";
     return false;
   }
-  // Split the memory so that about 4 blocks per SM are in flight, each scanning >= 8 tiles, with
-  // the partial lists within kSplitScratchBytes.
-  const int64_t base = cdiv64(p.N, p.bm) * p.B * p.H;
-  const int64_t tiles = cdiv64(std::max<int64_t>(p.M, 1), kBN);
-  const int64_t scratch_per_split = (int64_t)p.B * p.H * p.N * p.k * (int64_t)sizeof(uint64_t);
-  int64_t splits = cdiv64(4LL * lim.num_sms, std::max<int64_t>(base, 1));
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles / 8, 256, kSplitScratchBytes / scratch_per_split}));
-  p.split_len = cdiv64(tiles, splits) * kBN;
-  p.splits = (int)std::max<int64_t>(1, cdiv64(p.M, p.split_len));
+  plan_splits(p, lim, kBN, (int64_t)p.k * (int64_t)sizeof(uint64_t), /*allow=*/true);
   return true;
 }
 
 cudaError_t knn_scan_launch(const KnnParams& p, cudaStream_t stream) {
-  cudaError_t err;
-  switch (p.dtype) {
-    case DType::kFloat16:
-      err = p.tc ? launch_typed<__half, true>(p, stream) : launch_typed<__half, false>(p, stream);
-      break;
-    case DType::kBFloat16:
-      err = p.tc ? launch_typed<__nv_bfloat16, true>(p, stream) : launch_typed<__nv_bfloat16, false>(p, stream);
-      break;
-    default:
-      err = launch_typed<float, false>(p, stream);
-      break;
-  }
+  const cudaError_t err = dispatch_dtype(p.dtype, p.tc, [&](auto tk, auto tc) {
+    return launch_tiles(knn_scan_kernel<decltype(tk), decltype(tc)::value>, p, stream);
+  });
   if (err != cudaSuccess || p.splits == 1) return err;
   const int64_t rows = (int64_t)p.B * p.H * p.N;
   knn_merge_kernel<<<(unsigned)cdiv64(rows, kMergeWarps), kMergeWarps * 32, 0, stream>>>(p.part, p.splits, p.k, rows,

@@ -19,10 +19,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc" / "cuda"
-KERNEL_SOURCES = (CSRC / "knn.cu", CSRC / "attention.cu", HERE / "selftest.cu")
+# translated into the build directory; the .cu files find the translated headers there first
+TRANSLATED = (CSRC / "common.cuh", CSRC / "knn.cu", CSRC / "attention.cu", HERE / "selftest.cu")
 
 # kernel<<<grid, block, smem, stream>>>(args)  ->  ::fot_emu::launcher(kernel, "kernel", grid, block, smem, stream)(args)
-_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ]*>)?)<<<")
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ()]*>)?)<<<")
 # extern __shared__ __align__(N) T name[];  ->  T* name = reinterpret_cast<T*>(::fot_emu::dynamic_smem());
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
 
@@ -57,10 +58,11 @@ def load(verbose: bool | None = None):
     gen_dir = build_dir / "generated"
     gen_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(HERE / "runtime.cpp"), str(HERE / "control.cpp"), str(CSRC / "bindings.cpp")]
-    for path in KERNEL_SOURCES:
-        target = gen_dir / (path.name + ".cpp")
+    for path in TRANSLATED:
+        target = gen_dir / (path.name if path.suffix == ".cuh" else path.name + ".cpp")
         _write_if_changed(target, translate(path.read_text(), path))
-        sources.append(str(target))
+        if target.suffix == ".cpp":
+            sources.append(str(target))
     if verbose is None:
         verbose = os.environ.get("FOT_KERNELS_CPU_EXT_VERBOSE") == "1"
     cpp_extension.load(
