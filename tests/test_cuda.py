@@ -19,6 +19,8 @@ for kNN (exact top-k against float64 scores, free only among rounding-level near
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -298,3 +300,29 @@ def test_emulator_schedules_expose_a_missing_barrier(emulated):
         assert error == ""
         checksums.add(checksum)
     assert len(checksums) == 3
+
+
+def test_no_out_of_bounds_access_under_asan(emulated):
+    """The emulated backend suite again, with the kernels built with AddressSanitizer: a read or
+    write past any tensor's storage aborts it (the emulator's own checks cover shared memory).
+    Self-test 7 shows an out-of-bounds global read being reported."""
+    import subprocess
+    import sys
+
+    import cuda_emu
+
+    env = cuda_emu.asan_environment()
+    if env is None:
+        if os.environ.get("FOT_KERNELS_REQUIRE_CPU_EXT") == "1":
+            pytest.fail("libasan not found")
+        pytest.skip("libasan not found")
+    tests = Path(__file__).resolve().parent
+    probe = "import cuda_emu; print(cuda_emu.selftest(7))"
+    bad = subprocess.run([sys.executable, "-c", probe], cwd=tests, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "heap-buffer-overflow" in bad.stderr, bad.stderr[-3000:]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_backends.py", "test_cuda.py",
+         "-k", "emulated and not peak_memory and not asan and not thread_or_block_order"],
+        cwd=tests, env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, (run.stdout[-3000:], run.stderr[-3000:])

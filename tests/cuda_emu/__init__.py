@@ -45,8 +45,12 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def load(verbose: bool | None = None):
-    """Builds (once per process; ninja caches across processes) and returns torch.ops.fot_cuda_emu."""
+def load(verbose: bool | None = None, *, sanitize: bool | None = None):
+    """Builds (once per process; ninja caches across processes) and returns torch.ops.fot_cuda_emu.
+
+    sanitize=True (default: FOT_CUDA_EMU_SANITIZE=1) builds with AddressSanitizer, which reports
+    out-of-bounds reads and writes of global memory (the tensors' storage); such a build loads only
+    into a process started with libasan preloaded (``asan_environment()``)."""
     global _OPS
     if _OPS is not None:
         return _OPS
@@ -54,7 +58,10 @@ def load(verbose: bool | None = None):
 
     from fot_kernels.backends import cuda
 
-    build_dir = Path(cpp_extension._get_build_directory("fot_cuda_emu", verbose=False))
+    if sanitize is None:
+        sanitize = os.environ.get("FOT_CUDA_EMU_SANITIZE") == "1"
+    name = "fot_cuda_emu_asan" if sanitize else "fot_cuda_emu"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     gen_dir = build_dir / "generated"
     gen_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(HERE / "runtime.cpp"), str(HERE / "control.cpp"), str(CSRC / "bindings.cpp")]
@@ -65,12 +72,15 @@ def load(verbose: bool | None = None):
             sources.append(str(target))
     if verbose is None:
         verbose = os.environ.get("FOT_KERNELS_CPU_EXT_VERBOSE") == "1"
+    flags = ["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-DFOT_CUDA_EMULATION", "-DFOT_CUDA_NO_PYTHON_MODULE",
+             "-Wall", "-Wextra", "-Wno-unused-parameter"]  # fmt: skip
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
     cpp_extension.load(
-        name="fot_cuda_emu",
+        name=name,
         sources=sources,
         extra_include_paths=[str(HERE / "include"), str(CSRC)],
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-DFOT_CUDA_EMULATION", "-DFOT_CUDA_NO_PYTHON_MODULE",
-                      "-Wall", "-Wextra", "-Wno-unused-parameter"],  # fmt: skip
+        extra_cflags=flags + asan,
+        extra_ldflags=asan,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
@@ -78,6 +88,26 @@ def load(verbose: bool | None = None):
     cuda.register_fakes("fot_cuda_emu")
     _OPS = torch.ops.fot_cuda_emu
     return _OPS
+
+
+def asan_environment() -> dict[str, str] | None:
+    """Environment for a subprocess that runs the AddressSanitizer build (None: no libasan found)."""
+    import subprocess
+
+    libs = []
+    for name in ("libasan.so", "libstdc++.so"):  # libstdc++ first-hand, or ASan cannot intercept throws
+        try:
+            lib = subprocess.run(["c++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return None
+        if not os.path.isabs(lib) or not os.path.exists(lib):
+            return None
+        libs.append(lib)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, LD_PRELOAD=" ".join(libs), FOT_CUDA_EMU_SANITIZE="1", PYTHONPATH=path)
+    # torch and Python are not instrumented: leak reports and their allocator mismatches are noise
+    env["ASAN_OPTIONS"] = "detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=0"
+    return env
 
 
 def configure(*, num_sms: int = 132, smem_optin: int = 227 * 1024, schedule: str = "forward", seed: int = 0) -> None:

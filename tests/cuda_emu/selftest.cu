@@ -1,5 +1,7 @@
 // CUDA emulator self-test: small kernels with the bugs the emulator claims to catch (and one
 // without), so that tests/test_cuda.py can check that every check can fail.
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -56,6 +58,11 @@ __global__ void shared_overflow(int n) {
   if (threadIdx.x == 0) buf[n] = 0;  // n = elements of dynamic shared memory: one past the end
 }
 
+// Reads one element past the end of its input (global memory): only AddressSanitizer sees it.
+__global__ void global_overflow(const int* in, int* out, int n) {
+  if (threadIdx.x == 0) out[0] = in[n];
+}
+
 std::string last_error() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
@@ -65,7 +72,8 @@ std::string last_error() {
 
 // which: 0 correct kernel (checksum = its sum), 1 divergent __syncthreads, 2 divergent shuffle,
 // 3 missing barrier (checksum of the schedule-dependent output), 4 misaligned WMMA, 5 shared
-// memory overflow, 6 dynamic shared memory above the default without cudaFuncSetAttribute.
+// memory overflow, 6 dynamic shared memory above the default without cudaFuncSetAttribute, 7 a
+// global-memory read past the end of a heap buffer (reported by AddressSanitizer builds only).
 std::string fot_emu_selftest(int which, int64_t* checksum) {
   std::vector<int> in(kN), out(kN, 0);
   std::vector<float> fout(kN, 0.f);
@@ -96,6 +104,14 @@ std::string fot_emu_selftest(int which, int64_t* checksum) {
     case 6:
       block_sum<<<1, kN, 64 * 1024>>>(in.data(), out.data());
       break;
+    case 7: {  // allocated as torch allocates CPU tensors (c10::alloc_cpu: posix_memalign, 64 B)
+      void* small = nullptr;
+      if (posix_memalign(&small, 64, 5 * sizeof(int)) != 0) return "posix_memalign failed";
+      std::memset(small, 0, 5 * sizeof(int));
+      global_overflow<<<1, 32>>>(static_cast<const int*>(small), out.data(), 5);
+      free(small);
+      break;
+    }
     default:
       return "unknown self-test";
   }
