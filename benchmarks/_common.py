@@ -137,7 +137,8 @@ def git_commit(path: str | Path = ".") -> str:
     """``git rev-parse HEAD`` of the checkout holding ``path`` (+ "-dirty" with local changes)."""
     try:
         cwd = str(Path(path).resolve())
-        run = lambda *a: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)  # noqa: E731
+        env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: `git status` must not refresh the index
+        run = lambda *a: subprocess.run(["git", *a], cwd=cwd, env=env, capture_output=True, text=True, timeout=10)  # noqa: E731
         head = run("rev-parse", "HEAD")
         if head.returncode != 0:
             return "unknown"

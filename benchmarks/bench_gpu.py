@@ -45,6 +45,7 @@ import argparse
 import itertools
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,10 @@ BACKENDS = ("triton", "cuda")
 BASELINES = ("cublas_bf16_matmul", "torch_unfused", "torch_longllama", "sdpa_flash_concat", "d2d_copy_keys")
 PROVIDERS = BACKENDS + BASELINES
 KERNELS = ("knn_topk", "knn_attention", "dense_attention")
+#: --device: "cuda" measures; "cpu" is the smoke mode (the whole code path on CPU tensors, no GPU numbers)
+DEVICES = ("cuda", "cpu")
+#: timed calls per measurement in the CPU smoke mode (after the untimed peak-memory call)
+CPU_REPEATS = 3
 #: CSV columns: the shared schema plus the GPU toolchain
 CSV_FIELDS = (*C.CSV_FIELDS, "triton_version", "cuda_version")
 
@@ -74,10 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "B=1, Hq=Hkv=32 (points over the memory budget are skipped with a message).\n"
             "--quick: M in {64k, 256k}, Lq in {1, 512}, D=128, k=32, Hq=Hkv=8 (options given explicitly win).\n"
             "Exit status: 0 ok; 1 a correctness gate failed, a backend raised while timed, or a backend\n"
-            "named in --providers is unavailable; 2 no CUDA GPU / no triton / TRITON_INTERPRET=1."
+            "named in --providers is unavailable; 2 (--device cuda only) no CUDA GPU / no triton /\n"
+            "TRITON_INTERPRET=1."
         ),
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (bench_gpu.csv + PNGs)")
+    p.add_argument("--device", choices=DEVICES, default="cuda",
+                   help="cuda (default): the benchmark; cpu: smoke run of the whole code path on CPU tensors (Triton "
+                        "interpreter, wall-clock timing; not GPU numbers)")  # fmt: skip
     p.add_argument("--m", nargs="+", help="memory sizes M (suffix k/M allowed)")
     p.add_argument("--lq", nargs="+", type=int, help="query lengths Lq")
     p.add_argument("--k", nargs="+", type=int, help="top-k values")
@@ -94,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     p.add_argument("--providers", nargs="+", choices=PROVIDERS,
                    help="providers to run (default: all; the cuda backend only where its extension is built)")  # fmt: skip
-    p.add_argument("--max-gib", type=float, help="skip points whose memory keys+values exceed this (default: 60%% of the GPU)")
+    p.add_argument("--max-gib", type=float,
+                   help="skip points whose memory keys+values exceed this (default: 60%% of the GPU; cpu: of the RAM)")  # fmt: skip
     p.add_argument("--skip-check", action="store_true", help="skip the correctness gates (the CSV check column then says so)")
     p.add_argument("--quick", action="store_true", help="a few small points (smoke run)")
     p.add_argument("--no-plot", action="store_true")
@@ -199,18 +209,50 @@ def longllama_dense(query, key, value, mem_keys, mem_values, chunk: int, scale: 
     return ungrouped(out, hq, lq).to(query.dtype)
 
 
+# ------------------------------------------------------------------------- device-dependent parts
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_memory(device: str) -> int:
+    """Bytes of memory of the device: the GPU's, or the machine's RAM."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 # ---------------------------------------------------------------------------- backends and gate
 
 
-def gpu_backends(names) -> tuple[dict, dict[str, str]]:
-    """({name: module} of the usable GPU backends among ``names``, {name: why not} of the others)."""
+def gpu_backends(names, device: str) -> tuple[dict, dict[str, str]]:
+    """({name: module} of the usable GPU backends among ``names``, {name: why not} of the others).
+    Usable: the module imports and its ``unsupported_reasons`` accepts bf16 tensors on ``device``
+    (for cuda, this includes ``extension_status()``: fot_kernels._C is built and loads)."""
+    import torch
+
     from fot_kernels import backends
 
+    probe = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16, device=device)
     table, unavailable = {}, {}
     for name in names:
         mod, why = backends.load(name)
-        if mod is not None and name == "cuda":
-            why = mod.extension_status()  # None: fot_kernels._C is built and loads
+        if mod is not None:
+            why = "; ".join(mod.unsupported_reasons("memory_attention", probe, probe, key=probe, value=probe,
+                                                    mem_values=probe, topk=32)) or None  # fmt: skip
         if why is None:
             table[name] = mod
         else:
@@ -218,7 +260,7 @@ def gpu_backends(names) -> tuple[dict, dict[str, str]]:
     return table, unavailable
 
 
-def correctness_gate(backend) -> tuple[int, list[str]]:
+def correctness_gate(backend, device: str) -> tuple[int, list[str]]:
     """Check one backend module against the float64 reference at small shapes, in every mode the
     benchmark times (knn_topk; memory_attention dense/kNN, with a causal or non-causal local part,
     and kNN without local part). Returns (cases run, failures); any exception is a failure."""
@@ -233,17 +275,17 @@ def correctness_gate(backend) -> tuple[int, list[str]]:
     cases, failures = 0, []
     for d, dtype in ((100, torch.bfloat16), (128, torch.bfloat16), (64, torch.float32)):
         torch.manual_seed(0)
-        q = torch.randn(1, 4, 33, d, device="cuda").to(dtype)
-        k = torch.randn(1, 2, 40, d, device="cuda").to(dtype)
+        q = torch.randn(1, 4, 33, d, device=device).to(dtype)
+        k = torch.randn(1, 2, 40, d, device=device).to(dtype)
         v = torch.randn_like(k)
-        mk = torch.randn(1, 2, 5000, d, device="cuda").to(dtype)
+        mk = torch.randn(1, 2, 5000, d, device=device).to(dtype)
         mv = torch.randn_like(mk)
         scale = d**-0.5
         tag = f"{backend.NAME} D={d} {str(dtype).replace('torch.', '')}"
         cases += 1
         try:
             s, i = backend.knn_topk(q, mk, 32, mem_lengths=None, mem_mask=None)
-            torch.cuda.synchronize()
+            synchronize(device)
             check_knn(s, i, q, mk, 32)
         except Exception as exc:  # noqa: BLE001 - a crash is a failed check too
             failures.append(f"{tag} knn_topk k=32: {type(exc).__name__}: {exc}")
@@ -257,7 +299,7 @@ def correctness_gate(backend) -> tuple[int, list[str]]:
             try:
                 out, lse = backend.memory_attention(q, key, value, mk, mv, topk=topk, causal=causal, softmax_scale=scale,
                                                     mem_lengths=None, mem_mask=None)  # fmt: skip
-                torch.cuda.synchronize()
+                synchronize(device)
                 kw = dict(topk=topk, causal=causal, softmax_scale=scale)
                 hi = R.memory_attention(q.double(), dbl(key), dbl(value), mk.double(), mv.double(), **kw)
                 lo = R.memory_attention(q, key, value, mk, mv, **kw)
@@ -271,27 +313,50 @@ def correctness_gate(backend) -> tuple[int, list[str]]:
 # ---------------------------------------------------------------------------------- the harness
 
 
-def bench(fn: Callable[[], object]) -> tuple[float, float, float, int]:
-    """(median, p20, p80 in ms, peak extra bytes) of fn on the current device. Nothing fn returns
-    is kept: the first call's result is dropped before do_bench starts, and do_bench drops each."""
-    import torch
-    import triton
+Timer = Callable[[Callable[[], object]], tuple[float, float, float]]
 
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+
+def wall_clock(fn: Callable[[], object], repeats: int = CPU_REPEATS) -> tuple[float, float, float]:
+    """(median, p20, p80 in ms) of ``repeats`` calls timed with time.perf_counter: the CPU smoke
+    mode's stand-in for do_bench (the caller's peak-memory call was the warm-up)."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    stats = C.Stats.of(samples)
+    return stats.median, stats.p20, stats.p80
+
+
+def timer(device: str) -> Timer:
+    """The timing function of ``device``: fn -> (median, p20, p80 in ms). CUDA: do_bench (CUDA
+    events, 25 ms warm-up, 100 ms of repetitions); cpu: :func:`wall_clock`."""
+    if device == "cuda":
+        import triton
+
+        return lambda fn: triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    return wall_clock
+
+
+def bench(fn: Callable[[], object], device: str, time_fn: Timer) -> tuple[float, float, float, int]:
+    """(median, p20, p80 in ms, peak extra bytes) of fn on ``device``: one untimed call for the
+    peak memory (``fot_kernels.testing.peak_memory``: the CUDA caching allocator's peak above what
+    was allocated before; on the CPU the growth of the resident set, -1 where unknown), then
+    ``time_fn``. Nothing fn returns is kept: the first call's result is dropped before the timing
+    starts, and the timer drops each."""
+    from fot_kernels.testing import peak_memory
+
+    peak = peak_memory(fn, device)[1]
+    med, p20, p80 = time_fn(fn)
     return med, p20, p80, peak
 
 
 class Runner:
     """Times providers and collects CSV rows."""
 
-    def __init__(self, info: dict, checks: dict[str, str], backends: dict, max_bytes: float):
+    def __init__(self, info: dict, checks: dict[str, str], backends: dict, max_bytes: float, device: str):
         self.info, self.checks, self.backends = info, checks, backends
+        self.device, self.time_fn = device, timer(device)
         self.max_bytes = max_bytes  # memory budget of a point's inputs
         self.rows: list[dict] = []
         self.errors: list[str] = []  # backends that raised while timed
@@ -309,7 +374,7 @@ class Runner:
         label = f"  {kernel:15} {provider:19} {', '.join(f'{k}={v}' for k, v in cfg.items() if k in ('k', 'chunk'))}"
         failure = None
         try:
-            med, p20, p80, peak = bench(fn)
+            med, p20, p80, peak = bench(fn, self.device, self.time_fn)
         except torch.cuda.OutOfMemoryError:
             failure = "out of memory"
         except Exception as exc:  # noqa: BLE001 - report and go on with the other providers
@@ -318,7 +383,7 @@ class Runner:
             if provider in self.backends:
                 self.errors.append(failure)
         if failure is not None:  # outside the except block: its traceback no longer holds the call's tensors
-            torch.cuda.empty_cache()
+            empty_cache(self.device)
             print(f"{label}: {failure}", flush=True)
             return None
         self.row(kernel, provider, cfg, "time", "ms", med, p20, p80)
@@ -342,13 +407,13 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
     """Every selected (kernel, provider) at one shape. The tensors die when this returns."""
     import torch
 
-    B, Hq, Hkv, dtype = args.batch, args.heads, args.kv_heads, torch.bfloat16
+    B, Hq, Hkv, dtype, device = args.batch, args.heads, args.kv_heads, torch.bfloat16, r.device
     lk = args.local or lq
     torch.manual_seed(0)
-    q = torch.randn(B, Hq, lq, d, device="cuda", dtype=dtype)
-    mk = torch.randn(B, Hkv, m, d, device="cuda", dtype=dtype)
-    mv = torch.randn(B, Hkv, m, d, device="cuda", dtype=dtype)
-    kl = torch.randn(B, Hkv, lk, d, device="cuda", dtype=dtype)
+    q = torch.randn(B, Hq, lq, d, device=device, dtype=dtype)
+    mk = torch.randn(B, Hkv, m, d, device=device, dtype=dtype)
+    mv = torch.randn(B, Hkv, m, d, device=device, dtype=dtype)
+    kl = torch.randn(B, Hkv, lk, d, device=device, dtype=dtype)
     vl = torch.randn_like(kl)
     scale = d**-0.5
     score_flops = 2 * B * Hq * lq * m * d
@@ -360,7 +425,7 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
     decode = lq == 1
     table = r.backends
 
-    t_copy = None  # decode: the device-to-device copy of the keys, the bandwidth ceiling
+    t_copy = None  # decode: the device-to-device copy of the keys (cpu: a host copy), the bandwidth ceiling
     if decode and "d2d_copy_keys" in selected:
         dst = torch.empty_like(mk)
         t_copy = r.run("memory_copy", "d2d_copy_keys", lambda: dst.copy_(mk), base, nbytes=2 * key_bytes)
@@ -417,10 +482,12 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
                   {**cfg, "chunk": ll_chunk}, flops=attn_flops)  # fmt: skip
         if "sdpa_flash_concat" in selected:
             cat_bytes = 2 * B * Hq * (lk + m) * d * 2
-            in_use = torch.cuda.memory_allocated()
-            if d % 8 or d > 256:
+            if device != "cuda":
+                print(f"  dense_attention sdpa_flash_concat: skipped (the flash backend of SDPA needs a CUDA device, "
+                      f"not {device})")  # fmt: skip
+            elif d % 8 or d > 256:
                 print(f"  dense_attention sdpa_flash_concat: skipped (flash attention needs D % 8 == 0 and D <= 256, D={d})")
-            elif in_use + cat_bytes > r.max_bytes:
+            elif torch.cuda.memory_allocated() + cat_bytes > r.max_bytes:
                 print(f"  dense_attention sdpa_flash_concat: skipped (concatenated keys/values {cat_bytes / 2**30:.1f} GiB "
                       f"over the budget)")  # fmt: skip
             else:
@@ -440,24 +507,31 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    device = args.device
+    if device == "cpu":  # the triton backend serves CPU tensors through its interpreter (chosen before triton loads)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         print(f"bench_gpu.py needs a CUDA GPU: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees none; "
-              "nothing measured.", file=sys.stderr)  # fmt: skip
+              "nothing measured (--device cpu: a smoke run on the CPU).", file=sys.stderr)  # fmt: skip
         return 2
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
         print("bench_gpu.py: unset TRITON_INTERPRET (the interpreter would be timed, not the compiled kernels)", file=sys.stderr)
         return 2
     try:
         import triton
+
+        triton_version = triton.__version__
     except ImportError as exc:
-        print(f"bench_gpu.py times with triton.testing.do_bench; triton is not installed ({exc})", file=sys.stderr)
-        return 2
+        if device == "cuda":
+            print(f"bench_gpu.py times with triton.testing.do_bench; triton is not installed ({exc})", file=sys.stderr)
+            return 2
+        triton_version = "absent"  # cpu: the triton backend is reported unavailable below
 
     selected = set(args.providers or PROVIDERS)
     status = 0
-    table, unavailable = gpu_backends([b for b in BACKENDS if b in selected])
+    table, unavailable = gpu_backends([b for b in BACKENDS if b in selected], device)
     for name, why in unavailable.items():
         print(f"backend {name}: skipped ({why})", file=sys.stderr)
         if args.providers:  # asked for by name: a failure
@@ -468,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_check:
             checks[name] = "skipped"
             continue
-        cases, failures = correctness_gate(mod)
+        cases, failures = correctness_gate(mod, device)
         if failures:
             print(f"backend {name}: FAILS its correctness gate ({len(failures)} of {cases} cases); left out of the "
                   "timings:\n  " + "\n  ".join(failures), file=sys.stderr)  # fmt: skip
@@ -479,13 +553,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"backend {name}: correctness gate passed ({cases} cases)")
 
     info = C.machine_info(threads=str(torch.get_num_threads()))
-    info.update(device=torch.cuda.get_device_name(), faiss_version="", triton_version=triton.__version__,
-                cuda_version=torch.version.cuda or "")  # fmt: skip
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    runner = Runner(info, checks, table, args.max_gib * 2**30 if args.max_gib else 0.6 * total)
+    if device == "cuda":
+        info.update(device=torch.cuda.get_device_name(), cuda_version=torch.version.cuda or "")
+    else:  # the CSV's device column says so on every row: these are no GPU numbers
+        info.update(device=f"CPU smoke run, not GPU timings: {info['device']}", cuda_version="")
+        if triton_version != "absent" and os.environ.get("TRITON_INTERPRET") == "1":
+            triton_version += " (interpreter)"
+    info.update(faiss_version="", triton_version=triton_version)
+    total = device_memory(device)
+    runner = Runner(info, checks, table, args.max_gib * 2**30 if args.max_gib else 0.6 * total, device)
     baselines = [b for b in BASELINES if b in selected]
-    print(f"device {info['device']}, torch {torch.__version__}, CUDA {info['cuda_version']}, triton {triton.__version__}, "
-          f"commit {info['git_commit']}")  # fmt: skip
+    print(f"device {info['device']}, torch {torch.__version__}, CUDA {info['cuda_version'] or '-'}, "
+          f"triton {info['triton_version']}, commit {info['git_commit']}")  # fmt: skip
     print(f"timing backends: {', '.join(table) or 'none'}; baselines: {', '.join(baselines) or 'none'}; "
           f"memory budget {runner.max_bytes / 2**30:.1f} GiB")  # fmt: skip
 
@@ -500,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"D={d} Lq={lq} M={m}", flush=True)
                 measure_point(runner, args, selected, d, lq, m)
-                torch.cuda.empty_cache()
+                empty_cache(device)
                 C.write_csv(csv_path, runner.rows, CSV_FIELDS)  # after every point: a crash keeps what was measured
     C.write_csv(csv_path, runner.rows, CSV_FIELDS)
     print(f"wrote {csv_path} ({len(runner.rows)} rows)")

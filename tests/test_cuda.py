@@ -280,6 +280,7 @@ def test_results_do_not_depend_on_thread_or_block_order(emulated):
         (4, "wmma pointer not 256-bit aligned"),
         (5, "write outside the block's dynamic shared memory"),
         (6, "more than the 49152 allowed"),
+        (8, "thread exited with cp.async copies it never waited for"),
     ],
 )
 def test_emulator_reports_device_bugs(emulated, which, message):

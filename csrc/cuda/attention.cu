@@ -10,6 +10,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 struct FlashLayout {
   int Dp, ldq, ldk, ldv, lds, ldp, ldo;
+  size_t k_tile, v_tile;  // elements of one key / value tile buffer (two each on the tensor-core path)
   size_t off_q, off_k, off_v, off_s, off_p, off_o, off_m, off_l, off_alpha, off_valid, total;
 };
 
@@ -26,10 +27,13 @@ __host__ __device__ inline FlashLayout flash_layout(int BM, int BN, int D, bool 
   size_t o = 0;
   L.off_q = o;
   o = align_up(o + (size_t)BM * L.ldq * esz, 128);
+  const int nbuf = tc ? 2 : 1;
+  L.k_tile = align_up((size_t)BN * L.ldk * esz, 128) / esz;
+  L.v_tile = align_up((size_t)BN * L.ldv * esz, 128) / esz;
   L.off_k = o;
-  o = align_up(o + (size_t)BN * L.ldk * esz, 128);
+  o += nbuf * L.k_tile * esz;
   L.off_v = o;
-  o = align_up(o + (size_t)BN * L.ldv * esz, 128);
+  o += nbuf * L.v_tile * esz;
   L.off_s = o;
   o = align_up(o + (size_t)BM * L.lds * sizeof(float), 128);
   L.off_p = o;
@@ -56,8 +60,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
   const int BM = p.bm, BN = p.bn;
   const FlashLayout L = flash_layout(BM, BN, p.D, TC, (int)sizeof(TS));
   TS* q_s = reinterpret_cast<TS*>(smem + L.off_q);            // [BM][ldq]
-  TS* k_s = reinterpret_cast<TS*>(smem + L.off_k);            // [BN][ldk]
-  TS* v_s = reinterpret_cast<TS*>(smem + L.off_v);            // [BN][ldv]
+  TS* k_s = reinterpret_cast<TS*>(smem + L.off_k);            // [2 (TC) or 1][BN][ldk]
+  TS* v_s = reinterpret_cast<TS*>(smem + L.off_v);            // [2 (TC) or 1][BN][ldv]
   float* s_s = reinterpret_cast<float*>(smem + L.off_s);      // [BM][lds] scores, then P (SIMT)
   TS* p_s = reinterpret_cast<TS*>(smem + L.off_p);            // [BM][ldp] P (TC)
   float* o_s = reinterpret_cast<float*>(smem + L.off_o);      // [BM][ldo] unnormalised output
@@ -92,15 +96,44 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
   const TK* vbase = reinterpret_cast<const TK*>(p.values.ptr) + b * p.values.sb + h * p.values.sh;
   const bool* mrow = p.mask != nullptr ? p.mask + (int64_t)b * p.M : nullptr;
 
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += BN) {
+  // Tensor-core path with >= 4-byte vector loads of keys and values: their tiles come in through
+  // cp.async into two buffers each, tile i + 1 in flight while tile i is processed. Otherwise
+  // (fp32 products of converted tiles, or odd D) one buffer each, loaded synchronously.
+  const bool pipelined = TC && p.k_vec >= 4 && p.v_vec >= 4;
+  auto load_kv_async = [&](int64_t m, int buf) {
+    if constexpr (TC) {
+      const int nv = (int)min64(BN, m_end - m);
+      load_tile_async<TS>(k_s + buf * L.k_tile, L.ldk, kbase + m * p.keys.sm, p.keys.sm, nv, BN, p.D, L.Dp, p.k_vec,
+                          nullptr);
+      load_tile_async<TS>(v_s + buf * L.v_tile, L.ldv, vbase + m * p.values.sm, p.values.sm, nv, BN, p.D, L.Dp,
+                          p.v_vec, mrow != nullptr ? mrow + m : nullptr);
+    }
+  };
+  if (pipelined && m_begin < m_end) load_kv_async(m_begin, 0);
+  __pipeline_commit();
+
+  int step = 0;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += BN, ++step) {
     const int nvalid = (int)min64(BN, m_end - m0);
-    __syncthreads();  // the previous tile's P @ V has finished with k_s, v_s, s_s, p_s
+    const int buf = pipelined ? (step & 1) : 0;
+    TS* k_tile = k_s + buf * L.k_tile;
+    TS* v_tile = v_s + buf * L.v_tile;
+    __syncthreads();  // the previous step's P @ V has finished with its buffers, s_s and p_s
+    if (pipelined) {
+      if (m0 + BN < m_end) load_kv_async(m0 + BN, buf ^ 1);
+      __pipeline_commit();
+      __pipeline_wait_prior(1);  // this thread's copies of the current tiles have landed
+    }
     for (int c = threadIdx.x; c < BN; c += kThreads)
       valid_s[c] = (c < nvalid && (mrow == nullptr || mrow[m0 + c])) ? 1 : 0;
-    load_tile<TS, TK>(k_s, L.ldk, kbase + m0 * p.keys.sm, p.keys.sm, nvalid, BN, p.D, L.Dp, p.k_vec, nullptr);
-    __syncthreads();  // valid_s is read by the value load below
-    load_tile<TS, TK>(v_s, L.ldv, vbase + m0 * p.values.sm, p.values.sm, nvalid, BN, p.D, L.Dp, p.v_vec, valid_s);
-    score_tile<TS, TC>(q_s, L.ldq, k_s, L.ldk, s_s, L.lds, BM, BN, p.D, L.Dp);
+    if (!pipelined) {
+      load_tile<TS, TK>(k_tile, L.ldk, kbase + m0 * p.keys.sm, p.keys.sm, nvalid, BN, p.D, L.Dp, p.k_vec, nullptr);
+    }
+    __syncthreads();  // every thread's part of the tiles; valid_s for the value load below
+    if (!pipelined) {
+      load_tile<TS, TK>(v_tile, L.ldv, vbase + m0 * p.values.sm, p.values.sm, nvalid, BN, p.D, L.Dp, p.v_vec, valid_s);
+    }
+    score_tile<TS, TC>(q_s, L.ldq, k_tile, L.ldk, s_s, L.lds, BM, BN, p.D, L.Dp);
     __syncthreads();
     // online softmax, warp w owns rows w, w + 8, ... (base 2: x = score * scale * log2(e))
     for (int r = warp; r < rows; r += kWarps) {
@@ -162,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
           wmma::fragment<wmma::matrix_a, 16, 16, 16, TS, wmma::row_major> a;
           wmma::fragment<wmma::matrix_b, 16, 16, 16, TS, wmma::row_major> bv;
           wmma::load_matrix_sync(a, p_s + fr * 16 * L.ldp + kk, L.ldp);
-          wmma::load_matrix_sync(bv, v_s + kk * L.ldv + fc * 16, L.ldv);
+          wmma::load_matrix_sync(bv, v_tile + kk * L.ldv + fc * 16, L.ldv);
           wmma::mma_sync(acc, a, bv, acc);
         }
         wmma::store_matrix_sync(o_s + fr * 16 * L.ldo + fc * 16, acc, L.ldo, wmma::mem_row_major);
@@ -172,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
         const int r = e / p.D, d = e - r * p.D;
         float acc = o_s[r * L.ldo + d] * alpha_s[r];
         const float* pr = s_s + r * L.lds;
-        for (int c = 0; c < BN; ++c) acc = fmaf(pr[c], v_s[c * L.ldv + d], acc);
+        for (int c = 0; c < BN; ++c) acc = fmaf(pr[c], v_tile[c * L.ldv + d], acc);
         o_s[r * L.ldo + d] = acc;
       }
     }

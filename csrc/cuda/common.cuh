@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -184,6 +185,40 @@ __device__ __forceinline__ void load_tile(TDST* dst, int ld, const TSRC* src, in
       if (r < rows_valid && d < D && (keep_row == nullptr || keep_row[r])) x = convert<TDST, TSRC>(src[r * stride + d]);
       dst[r * ld + d] = x;
     }
+  }
+}
+
+// The same tile (dst and src of one 16-bit type, VB-byte vector loads allowed, VB >= 4) through
+// cp.async: the valid elements are copied asynchronously in the calling thread's current pipeline
+// group, the rest are zero-stored at once; keep_row (bool per row, from global memory, or nullptr)
+// as in load_tile. The caller commits the group (__pipeline_commit), waits for it
+// (__pipeline_wait_prior) and then __syncthreads before any thread reads the tile.
+template <typename T, int VB>
+__device__ __forceinline__ void load_tile_async_vec(T* dst, int ld, const T* src, int64_t stride, int rows_valid,
+                                                    int rows_total, int D, int Dp, const bool* keep_row) {
+  constexpr int V = VB / (int)sizeof(T);
+  const int cpr = Dp / V;
+  for (int e = threadIdx.x; e < rows_total * cpr; e += kThreads) {
+    const int r = e / cpr, d0 = (e - r * cpr) * V;
+    T* d = dst + r * ld + d0;
+    if (r < rows_valid && d0 < D && (keep_row == nullptr || keep_row[r])) {
+      __pipeline_memcpy_async(d, src + r * stride + d0, VB);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) d[i] = from_float<T>(0.f);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* src, int64_t stride, int rows_valid,
+                                                int rows_total, int D, int Dp, int vec_bytes, const bool* keep_row) {
+  if (vec_bytes == 16) {
+    load_tile_async_vec<T, 16>(dst, ld, src, stride, rows_valid, rows_total, D, Dp, keep_row);
+  } else if (vec_bytes == 8) {
+    load_tile_async_vec<T, 8>(dst, ld, src, stride, rows_valid, rows_total, D, Dp, keep_row);
+  } else {
+    load_tile_async_vec<T, 4>(dst, ld, src, stride, rows_valid, rows_total, D, Dp, keep_row);
   }
 }
 

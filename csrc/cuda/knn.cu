@@ -11,6 +11,7 @@ constexpr int kKT = kMaxK / 32;
 
 struct KnnLayout {
   int Dp, ldq, ldk, lds, K32;
+  size_t k_tile;  // elements of one key tile buffer (two buffers on the tensor-core path)
   size_t off_q, off_k, off_s, off_valid, off_top, off_cand, off_cnt, off_thr, total;
 };
 
@@ -25,7 +26,8 @@ __host__ __device__ inline KnnLayout knn_layout(int BM, int D, int k, bool tc, i
   L.off_q = o;
   o = align_up(o + (size_t)BM * L.ldq * esz, 128);
   L.off_k = o;
-  o = align_up(o + (size_t)kBN * L.ldk * esz, 128);
+  L.k_tile = align_up((size_t)kBN * L.ldk * esz, 128) / esz;
+  o += (tc ? 2 : 1) * L.k_tile * esz;
   L.off_s = o;
   o = align_up(o + (size_t)BM * L.lds * sizeof(float), 128);
   L.off_valid = o;
@@ -61,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, 2) knn_scan_kernel(const KnnParams p
   const int BM = p.bm;
   const KnnLayout L = knn_layout(BM, p.D, p.k, TC, (int)sizeof(TS));
   TS* q_s = reinterpret_cast<TS*>(smem + L.off_q);        // [BM][ldq]
-  TS* k_s = reinterpret_cast<TS*>(smem + L.off_k);        // [BN][ldk]
+  TS* k_s = reinterpret_cast<TS*>(smem + L.off_k);        // [2 (TC) or 1][BN][ldk]
   float* s_s = reinterpret_cast<float*>(smem + L.off_s);  // [BM][lds]
   uint8_t* valid_s = smem + L.off_valid;                  // [BN]
   uint64_t* top_s = reinterpret_cast<uint64_t*>(smem + L.off_top);    // [BM][K32], sorted desc
@@ -84,14 +86,39 @@ __global__ void __launch_bounds__(kThreads, 2) knn_scan_kernel(const KnnParams p
   const TK* kbase = reinterpret_cast<const TK*>(p.keys.ptr) + b * p.keys.sb + h * p.keys.sh;
   const bool* mrow = p.mask != nullptr ? p.mask + (int64_t)b * p.M : nullptr;
 
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += kBN) {
+  // Tensor-core path with >= 4-byte vector loads: key tiles come in through cp.async into two
+  // buffers, tile i + 1 in flight while tile i is scored and selected. Otherwise (fp32 products of
+  // converted tiles, or odd D) one buffer, loaded synchronously at the top of each step.
+  const bool pipelined = TC && p.k_vec >= 4;
+  auto load_keys = [&](int64_t m, TS* buf) {
+    const int nv = (int)min64(kBN, m_end - m);
+    if constexpr (TC) {
+      if (pipelined) {
+        load_tile_async<TS>(buf, L.ldk, kbase + m * p.keys.sm, p.keys.sm, nv, kBN, p.D, L.Dp, p.k_vec, nullptr);
+        return;
+      }
+    }
+    load_tile<TS, TK>(buf, L.ldk, kbase + m * p.keys.sm, p.keys.sm, nv, kBN, p.D, L.Dp, p.k_vec, nullptr);
+  };
+  if (pipelined && m_begin < m_end) load_keys(m_begin, k_s);
+  __pipeline_commit();
+
+  int step = 0;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kBN, ++step) {
     const int nvalid = (int)min64(kBN, m_end - m0);
-    __syncthreads();  // the previous tile's selection has finished reading s_s / valid_s
-    load_tile<TS, TK>(k_s, L.ldk, kbase + m0 * p.keys.sm, p.keys.sm, nvalid, kBN, p.D, L.Dp, p.k_vec, nullptr);
+    TS* k_tile = k_s + (pipelined ? (size_t)(step & 1) * L.k_tile : 0);
+    __syncthreads();  // the previous step has finished reading s_s / valid_s and its key buffer
+    if (pipelined) {
+      if (m0 + kBN < m_end) load_keys(m0 + kBN, k_s + (size_t)((step + 1) & 1) * L.k_tile);
+      __pipeline_commit();
+      __pipeline_wait_prior(1);  // this thread's copies of the current tile have landed
+    } else {
+      load_keys(m0, k_tile);
+    }
     for (int c = threadIdx.x; c < kBN; c += kThreads)
       valid_s[c] = (c < nvalid && (mrow == nullptr || mrow[m0 + c])) ? 1 : 0;
-    __syncthreads();
-    score_tile<TS, TC>(q_s, L.ldq, k_s, L.ldk, s_s, L.lds, BM, kBN, p.D, L.Dp);
+    __syncthreads();  // every thread's part of the tile
+    score_tile<TS, TC>(q_s, L.ldq, k_tile, L.ldk, s_s, L.lds, BM, kBN, p.D, L.Dp);
     __syncthreads();
     // selection: warp w owns rows w, w + 8, ...; a score is a candidate if its slot is valid,
     // it is not NaN, and its key beats the row's current k-th best

@@ -78,6 +78,21 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return out;
 }
 
+// -------------------------------------------------------------------- cp.async (pipeline)
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_align, size_t zfill = 0) {
+  if (size_and_align != 4 && size_and_align != 8 && size_and_align != 16) {
+    fot_emu::fault("__pipeline_memcpy_async size must be 4, 8 or 16");
+  } else if (reinterpret_cast<uintptr_t>(dst) % size_and_align != 0 ||
+             reinterpret_cast<uintptr_t>(src) % size_and_align != 0) {
+    fot_emu::fault("__pipeline_memcpy_async pointers not aligned to the copy size");
+  } else if (zfill > size_and_align) {
+    fot_emu::fault("__pipeline_memcpy_async zfill larger than the copy");
+  }
+  fot_emu::async_copy(dst, src, size_and_align, zfill);
+}
+inline void __pipeline_commit() { fot_emu::async_commit(); }
+inline void __pipeline_wait_prior(size_t n) { fot_emu::async_wait_prior(n); }
+
 // ------------------------------------------------------------------------- 16-bit floats
 struct __half {
   uint16_t bits;

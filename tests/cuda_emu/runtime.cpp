@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -89,6 +90,16 @@ namespace {
 
 enum class State { Runnable, WaitBlock, WaitWarp, Done };
 
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes, zfill;
+  void land() const {
+    std::memcpy(dst, src, bytes - zfill);
+    std::memset(static_cast<char*>(dst) + (bytes - zfill), 0, zfill);
+  }
+};
+
 struct Fiber {
   Context ctx;
   State state;
@@ -100,6 +111,8 @@ struct Fiber {
   const char* what;
   uint64_t result;
   WarpFn fn;
+  std::vector<AsyncCopy> open;                  // cp.async copies not yet committed
+  std::deque<std::vector<AsyncCopy>> groups;    // committed, not yet landed (oldest first)
 };
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -123,6 +136,7 @@ cudaError_t g_last = cudaSuccess;
 std::string g_message;
 std::map<const void*, int> g_max_dynamic_smem;
 std::vector<std::unique_ptr<char[]>> g_stacks;  // uninitialised: only touched pages count
+std::mt19937_64 g_async_rng;                    // when cp.async copies land under the shuffled schedule
 namespace {
 
 cudaError_t set_error(cudaError_t err, const std::string& msg) {
@@ -143,6 +157,9 @@ std::string where(const Fiber* f) {
 [[noreturn]] void fiber_entry() {
   (*g_run->body)();
   Fiber* f = g_run->cur;
+  bool pending = !f->open.empty();
+  for (const auto& g : f->groups) pending |= !g.empty();
+  if (pending) fault("thread exited with cp.async copies it never waited for");
   f->state = State::Done;
   switch_context(f->ctx, g_run->sched);  // never resumed
   __builtin_unreachable();
@@ -220,6 +237,8 @@ void run_block(Run& run, std::mt19937_64& rng, std::vector<size_t>& order) {
   for (size_t t = 0; t < n; ++t) {
     Fiber& f = fs[t];
     f.state = State::Runnable;
+    f.open.clear();
+    f.groups.clear();
     make_context(f.ctx, g_stacks[t].get(), kStackBytes, fiber_entry);
   }
   for (;;) {
@@ -291,6 +310,43 @@ void fault(const char* what) {
 
 void sync_threads() { yield(State::WaitBlock); }
 
+namespace {
+// Whether a copy lands when issued (else at the wait that covers it), by schedule.
+bool land_early() {
+  switch (config().schedule) {
+    case 1:
+      return true;
+    case 2:
+      return (g_async_rng() & 1) != 0;
+    default:
+      return false;
+  }
+}
+}  // namespace
+
+void async_copy(void* dst, const void* src, size_t bytes, size_t zfill) {
+  const AsyncCopy c{dst, src, bytes, zfill};
+  if (land_early()) {
+    c.land();
+  } else {
+    g_run->cur->open.push_back(c);
+  }
+}
+
+void async_commit() {
+  Fiber* f = g_run->cur;
+  f->groups.push_back(std::move(f->open));
+  f->open.clear();
+}
+
+void async_wait_prior(size_t n) {
+  Fiber* f = g_run->cur;
+  while (f->groups.size() > n) {
+    for (const AsyncCopy& c : f->groups.front()) c.land();
+    f->groups.pop_front();
+  }
+}
+
 void warp_call(WarpFn fn, void* arg, const char* what) {
   Fiber* f = g_run->cur;
   f->fn = fn;
@@ -353,6 +409,7 @@ cudaError_t launch(const void* func, const char* name, dim3 grid, dim3 block, si
 
   const Config& cfg = config();
   std::mt19937_64 rng(cfg.seed);
+  g_async_rng.seed(cfg.seed ^ 0x9E3779B97F4A7C15ull);
   std::vector<size_t> order(threads);
   std::iota(order.begin(), order.end(), 0);
   if (cfg.schedule == 1) std::reverse(order.begin(), order.end());

@@ -73,6 +73,13 @@ using WarpFn = void (*)(void* const* lane_args, int lanes);
 void warp_call(WarpFn fn, void* arg, const char* what);
 void sync_threads();
 unsigned char* dynamic_smem();
+// cp.async (cuda_pipeline.h): copies queue in the thread's open group; a commit closes it; a wait
+// lands every group but the newest n. When they land otherwise depends on the schedule: at the
+// wait (forward, the latest a GPU may), at once (reverse, the earliest) or either (shuffle), so
+// that a read before the wait or a prefetch into a buffer still in use changes the results.
+void async_copy(void* dst, const void* src, size_t bytes, size_t zfill);
+void async_commit();
+void async_wait_prior(size_t n);
 // Records a device-side fault (the first one is reported by the launch); execution goes on.
 void fault(const char* what);
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -63,6 +64,13 @@ __global__ void global_overflow(const int* in, int* out, int n) {
   if (threadIdx.x == 0) out[0] = in[n];
 }
 
+// Issues a cp.async copy and never waits for it.
+__global__ void unwaited_async_copy(const int* in) {
+  extern __shared__ __align__(16) int tile[];
+  __pipeline_memcpy_async(tile + 4 * threadIdx.x, in + 4 * threadIdx.x, 16);
+  __pipeline_commit();
+}
+
 std::string last_error() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
@@ -73,7 +81,8 @@ std::string last_error() {
 // which: 0 correct kernel (checksum = its sum), 1 divergent __syncthreads, 2 divergent shuffle,
 // 3 missing barrier (checksum of the schedule-dependent output), 4 misaligned WMMA, 5 shared
 // memory overflow, 6 dynamic shared memory above the default without cudaFuncSetAttribute, 7 a
-// global-memory read past the end of a heap buffer (reported by AddressSanitizer builds only).
+// global-memory read past the end of a heap buffer (reported by AddressSanitizer builds only), 8 a
+// cp.async copy never waited for.
 std::string fot_emu_selftest(int which, int64_t* checksum) {
   std::vector<int> in(kN), out(kN, 0);
   std::vector<float> fout(kN, 0.f);
@@ -112,6 +121,9 @@ std::string fot_emu_selftest(int which, int64_t* checksum) {
       free(small);
       break;
     }
+    case 8:
+      unwaited_async_copy<<<1, 32, 32 * 16>>>(in.data());
+      break;
     default:
       return "unknown self-test";
   }
