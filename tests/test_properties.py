@@ -27,6 +27,7 @@ shapes = st.fixed_dictionaries(
         "lengths": st.booleans(),
         "mask": st.booleans(),
         "mem_dtype": st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+        "query_dtype": st.sampled_from(["memory's", torch.float32]),  # fp16/bf16 pairs: tensor cores
         "strided": st.booleans(),
         "seed": st.integers(0, 2**31 - 1),
     }
@@ -38,6 +39,7 @@ def _case(p):
     torch.manual_seed(p["seed"])
     return make_case(p["batch"], p["kv_heads"] * p["group"], p["kv_heads"], p["len_q"], p["len_k"], p["slots"],
                      p["head_dim"], lengths=p["lengths"], mask=p["mask"], mem_dtype=p["mem_dtype"],
+                     dtype=p["mem_dtype"] if p["query_dtype"] == "memory's" else p["query_dtype"],
                      strided_memory=p["strided"])  # fmt: skip
 
 
