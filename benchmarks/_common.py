@@ -138,7 +138,10 @@ def git_commit(path: str | Path = ".") -> str:
     try:
         cwd = str(Path(path).resolve())
         env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: `git status` must not refresh the index
-        run = lambda *a: subprocess.run(["git", *a], cwd=cwd, env=env, capture_output=True, text=True, timeout=10)  # noqa: E731
+
+        def run(*a):
+            return subprocess.run(["git", *a], cwd=cwd, env=env, capture_output=True, text=True, timeout=10)
+
         head = run("rev-parse", "HEAD")
         if head.returncode != 0:
             return "unknown"

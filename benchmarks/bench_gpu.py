@@ -19,24 +19,39 @@ One run on one CUDA device, bf16, per point (D in --dim, Lq in --lq, M in --m, k
 
 GPU backends: ``triton`` (``fot_kernels.backends.triton``) and ``cuda``
 (``fot_kernels.backends.cuda``, only when its extension is built: ``extension_status()`` is None;
-else the reason is printed). Before timing, every backend passes a correctness gate (small shapes
-against the float64 reference, every mode benchmarked); a backend failing it is left out of the
-timings, its failures are printed, and the run exits with status 1. Points whose memory keys and
-values exceed the budget (--max-gib, default 60% of the GPU) are skipped; each baseline chunks the
-memory so that one chunk's score block stays under --score-gib and only one chunk's output is
-alive at a time.
+else the reason is printed). A backend is timed only where its ``unsupported_reasons`` accepts the
+inputs, as the public ops' dispatch would ask (the benchmark calls the backend modules directly);
+elsewhere the reason is printed and the point skipped for it. Before timing, every backend passes
+a correctness gate (small shapes against the float64 reference, every mode benchmarked); a backend
+failing it is left out of the timings, its failures are printed, and the run exits with status 1.
+Points whose memory keys and values exceed the budget (--max-gib, default 60% of the GPU) are
+skipped; each baseline chunks the memory so that one chunk's score block stays under --score-gib
+and only one chunk's output is alive at a time.
 
 Medians and 20/80 percentiles from ``triton.testing.do_bench`` (CUDA events); peak memory from
-``torch.cuda.max_memory_allocated`` minus what was allocated before the call. Output in --out:
+``torch.cuda.max_memory_allocated`` minus what was allocated before the call
+(``fot_kernels.testing.peak_memory``). Output in --out:
 ``bench_gpu.csv`` (one row per measurement, benchmarks/_common.py's Liger schema plus
 triton_version and cuda_version; rewritten after every point) and ``bench_gpu_<kernel>.png``
 (median time against M, a panel per (D, Lq)). Exit status: 0; 1 if a correctness gate failed, a
 backend raised during timing, or a backend named in --providers is unavailable; 2 without a CUDA
 GPU (or without triton, or under TRITON_INTERPRET=1).
 
+CPU smoke mode (``--device cpu``): the same code path on CPU tensors, to catch crashes before a
+GPU is lent (tests/test_bench_gpu.py runs it). The triton backend runs in the Triton interpreter
+(TRITON_INTERPRET=1, set by the script unless given; in-process callers must set it before
+fot_kernels' Triton kernels are imported), the cuda backend where its kernels serve CPU tensors
+(the tests point it at tests/cuda_emu); the correctness gate uses smaller shapes (GATE_SHAPE);
+times are wall-clock medians of CPU_REPEATS calls (time.perf_counter) and peak memory is the growth
+of the resident set (``fot_kernels.testing.peak_memory``); ``cublas_bf16_matmul`` is torch.matmul
+on the CPU, ``d2d_copy_keys`` a host copy, and ``sdpa_flash_concat`` is skipped (it needs CUDA).
+The CSV's device column reads "CPU smoke run, not GPU timings: <CPU model>". Exit 2 does not apply.
+These numbers mean nothing; only the exit status, the gates and the files do.
+
     python benchmarks/bench_gpu.py --out benchmarks/results/h100                 # full sweep
-    python benchmarks/bench_gpu.py --out /tmp/b --quick                           # smoke run
+    python benchmarks/bench_gpu.py --out /tmp/b --quick                           # short GPU run
     python benchmarks/bench_gpu.py --out /tmp/b --providers cuda cublas_bf16_matmul d2d_copy_keys --lq 1
+    python benchmarks/bench_gpu.py --out /tmp/b --device cpu --m 256 --lq 1 20 --dim 64 --k 8 --heads 2  # CPU smoke
 """
 
 from __future__ import annotations
@@ -62,6 +77,10 @@ KERNELS = ("knn_topk", "knn_attention", "dense_attention")
 DEVICES = ("cuda", "cpu")
 #: timed calls per measurement in the CPU smoke mode (after the untimed peak-memory call)
 CPU_REPEATS = 3
+#: correctness-gate shape per device: (Lq, Lk, M) with B=1, Hq=4, Hkv=2. The CPU smoke mode's is
+#: smaller (the Triton interpreter takes ~30 s per kNN call at M=5000), yet still has several key
+#: tiles, the last one partial, and 18 query rows per kv head (more than the decode tiles' 16).
+GATE_SHAPE = {"cuda": (33, 40, 5000), "cpu": (9, 12, 300)}
 #: CSV columns: the shared schema plus the GPU toolchain
 CSV_FIELDS = (*C.CSV_FIELDS, "triton_version", "cuda_version")
 
@@ -104,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--providers", nargs="+", choices=PROVIDERS,
                    help="providers to run (default: all; the cuda backend only where its extension is built)")  # fmt: skip
     p.add_argument("--max-gib", type=float,
-                   help="skip points whose memory keys+values exceed this (default: 60%% of the GPU; cpu: of the RAM)")  # fmt: skip
+                   help="skip points whose memory keys+values exceed this (default: 60%% of the GPU; cpu: of "
+                        "the RAM)")  # fmt: skip
     p.add_argument("--skip-check", action="store_true", help="skip the correctness gates (the CSV check column then says so)")
     p.add_argument("--quick", action="store_true", help="a few small points (smoke run)")
     p.add_argument("--no-plot", action="store_true")
@@ -272,13 +292,14 @@ def correctness_gate(backend, device: str) -> tuple[int, list[str]]:
     def dbl(t):
         return None if t is None else t.double()
 
+    lq, lk, m = GATE_SHAPE[device]
     cases, failures = 0, []
     for d, dtype in ((100, torch.bfloat16), (128, torch.bfloat16), (64, torch.float32)):
         torch.manual_seed(0)
-        q = torch.randn(1, 4, 33, d, device=device).to(dtype)
-        k = torch.randn(1, 2, 40, d, device=device).to(dtype)
+        q = torch.randn(1, 4, lq, d, device=device).to(dtype)
+        k = torch.randn(1, 2, lk, d, device=device).to(dtype)
         v = torch.randn_like(k)
-        mk = torch.randn(1, 2, 5000, d, device=device).to(dtype)
+        mk = torch.randn(1, 2, m, d, device=device).to(dtype)
         mv = torch.randn_like(mk)
         scale = d**-0.5
         tag = f"{backend.NAME} D={d} {str(dtype).replace('torch.', '')}"
@@ -431,6 +452,16 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
         t_copy = r.run("memory_copy", "d2d_copy_keys", lambda: dst.copy_(mk), base, nbytes=2 * key_bytes)
         del dst
 
+    def served(kernel: str, name: str, mod, **inputs) -> bool:
+        """Whether backend ``mod`` serves this point's inputs. The benchmark calls the backends
+        directly, past the public ops' dispatch, so it asks what dispatch would ask; a point a
+        backend does not serve (e.g. k=256 at D=128 in Triton) is skipped with the reason."""
+        why = mod.unsupported_reasons("knn_topk" if kernel == "knn_topk" else "memory_attention", q, mk, **inputs)
+        if why:
+            at = f" k={inputs['topk']}" if inputs.get("topk") else ""
+            print(f"  {kernel:15} {name:19}{at}: skipped (not served: {'; '.join(why)})", flush=True)
+        return not why
+
     def versus_copy(kernel: str, name: str, cfg: dict, t: float | None, nbytes: int) -> None:
         if t and t_copy:  # (nbytes / t) / (2 * key_bytes / t_copy)
             r.ratio(kernel, name, cfg, "bandwidth_ratio_to_copy", "bandwidth / d2d copy bandwidth",
@@ -445,6 +476,8 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
         for k in args.k:
             cfg = {**base, "k": k}
             for name, mod in table.items():
+                if not served("knn_topk", name, mod, topk=k):
+                    continue
                 t = r.run("knn_topk", name, lambda mod=mod, k=k: mod.knn_topk(q, mk, k, mem_lengths=None, mem_mask=None),
                           cfg, flops=score_flops, nbytes=key_bytes if decode else None)  # fmt: skip
                 if t and t_mm:
@@ -458,6 +491,8 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
         for k in args.k:
             cfg = {**base, "k": k}
             for name, mod in table.items():
+                if not served("knn_attention", name, mod, mem_values=mv, topk=k):
+                    continue
                 t = r.run("knn_attention", name,
                           lambda mod=mod, k=k: mod.memory_attention(q, None, None, mk, mv, topk=k, causal=False,
                                                                     softmax_scale=scale, mem_lengths=None, mem_mask=None),
@@ -471,6 +506,8 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
         attn_flops = 4 * B * Hq * lq * (lk + m) * d
         cfg = {**base, "Lk": lk, "causal": False}
         for name, mod in table.items():
+            if not served("dense_attention", name, mod, key=kl, value=vl, mem_values=mv):
+                continue
             t = r.run("dense_attention", name,
                       lambda mod=mod: mod.memory_attention(q, kl, vl, mk, mv, topk=None, causal=False, softmax_scale=scale,
                                                            mem_lengths=None, mem_mask=None),

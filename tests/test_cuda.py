@@ -322,7 +322,8 @@ def test_no_out_of_bounds_access_under_asan(emulated):
     bad = subprocess.run([sys.executable, "-c", probe], cwd=tests, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "heap-buffer-overflow" in bad.stderr, bad.stderr[-3000:]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_backends.py", "test_cuda.py",
+        # -s: an AddressSanitizer report goes to the subprocess' stderr, not into pytest's capture
+        [sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider", "test_backends.py", "test_cuda.py",
          "-k", "emulated and not peak_memory and not asan and not thread_or_block_order"],
         cwd=tests, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip

@@ -7,6 +7,14 @@
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+// A fiber that ends switches away without unwinding: its frames' redzones stay poisoned in the
+// shadow memory, so a stack is unpoisoned before it is reused (AddressSanitizer builds).
+#define FOT_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define FOT_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 #include <algorithm>
 #include <cstdio>
@@ -63,6 +71,7 @@ struct Context {
 inline void switch_context(Context& from, Context& to) { fot_emu_switch(&from.sp, to.sp); }
 // A fresh context that starts entry() on the stack [base, base + size); entry never returns.
 inline void make_context(Context& c, char* base, size_t size, void (*entry)()) {
+  FOT_EMU_UNPOISON(base, size);
   uintptr_t top = (reinterpret_cast<uintptr_t>(base) + size) & ~uintptr_t(15);
   auto* sp = reinterpret_cast<uint64_t*>(top);
   *--sp = 0;                                         // entry's (never used) return address
@@ -77,6 +86,7 @@ struct Context {
 };
 inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 inline void make_context(Context& c, char* base, size_t size, void (*entry)()) {
+  FOT_EMU_UNPOISON(base, size);
   getcontext(&c.uc);
   c.uc.uc_stack.ss_sp = base;
   c.uc.uc_stack.ss_size = size;
