@@ -291,6 +291,14 @@ def test_emulator_reports_device_bugs(emulated, which, message):
     assert message in error
 
 
+def test_emulator_shared_memory_starts_as_garbage(emulated):
+    """Static __shared__ arrays start every block 0xFF-filled (-1 ints), not zeroed or left over
+    from the previous block, so a read of unwritten shared memory shows in the results."""
+    import cuda_emu
+
+    assert cuda_emu.selftest(9) == ("", -32)
+
+
 def test_emulator_schedules_expose_a_missing_barrier(emulated):
     import cuda_emu
 

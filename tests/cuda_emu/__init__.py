@@ -27,6 +27,9 @@ _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ()]*>)?)<<<")
 # extern __shared__ __align__(N) T name[];  ->  T* name = reinterpret_cast<T*>(::fot_emu::dynamic_smem());
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
 
+# __shared__ T name[dims];  ->  a reference to block-scoped storage, poisoned at every block start
+_STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
+
 _OPS = None
 
 
@@ -34,7 +37,12 @@ def translate(source: str, path: Path) -> str:
     """The .cu source as host C++ for the emulator (line numbers kept for error messages)."""
     out = _LAUNCH.sub(lambda m: f'::fot_emu::launcher({m[1]}, "{m[1]}", ', source).replace(">>>(", ")(")
     out = _DYNAMIC_SMEM.sub(r"\1* \2 = reinterpret_cast<\1*>(::fot_emu::dynamic_smem());", out)
-    for left in ("<<<", ">>>", "extern __shared__"):
+    out = _STATIC_SMEM.sub(
+        r"auto& \2 = *reinterpret_cast<\1(*)\3>(::fot_emu::static_smem([] { static char site; return &site; }(), "
+        r"sizeof(\1\3), alignof(\1)));",
+        out,
+    )
+    for left in ("<<<", ">>>", "__shared__"):
         if left in out:
             raise RuntimeError(f"{path}: cannot translate {left!r} for the CUDA emulator")
     return f'#line 1 "{path}"\n{out}'

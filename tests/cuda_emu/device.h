@@ -20,7 +20,8 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static  // one block runs at a time; `extern __shared__` is rewritten by build.py
+// __shared__ declarations are rewritten by __init__.py (translate): dynamic ones to the block's
+// dynamic shared memory, static ones to block-scoped storage (fot_emu::static_smem).
 
 struct uint3 {
   unsigned x, y, z;
@@ -234,7 +235,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 
 // ---------------------------------------------------------------------------------- launch
 namespace fot_emu {
-// `kernel<<<grid, block, smem, stream>>>(args)` is rewritten by build.py to
+// `kernel<<<grid, block, smem, stream>>>(args)` is rewritten by __init__.py to
 // `::fot_emu::launcher(kernel, "kernel", grid, block, smem, stream)(args)`.
 template <typename... P>
 struct Launch {

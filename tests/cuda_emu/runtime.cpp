@@ -137,6 +137,7 @@ struct Run {
   Fiber* cur = nullptr;
   Context sched;
   unsigned char* smem = nullptr;
+  std::map<const void*, std::unique_ptr<unsigned char[]>> statics;  // static __shared__, per block
   bool fault = false;
 };
 
@@ -382,6 +383,16 @@ uint64_t warp_collective(Op op, unsigned mask, uint64_t value, int param, const 
 
 unsigned char* dynamic_smem() { return g_run->smem; }
 
+void* static_smem(const void* site, size_t bytes, size_t align) {
+  auto& slot = g_run->statics[site];
+  if (!slot) {
+    slot.reset(new unsigned char[bytes + align]);
+    std::memset(slot.get(), 0xFF, bytes + align);
+  }
+  const uintptr_t p = reinterpret_cast<uintptr_t>(slot.get());
+  return reinterpret_cast<void*>((p + align - 1) / align * align);
+}
+
 cudaError_t launch(const void* func, const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
                    const std::function<void()>& body) {
   const std::string kernel = name;
@@ -440,6 +451,7 @@ cudaError_t launch(const void* func, const char* name, dim3 grid, dim3 block, si
     std::memset(base, kCanary, kGuard);
     std::memset(run.smem, 0xFF, dynamic_smem_bytes);
     std::memset(run.smem + dynamic_smem_bytes, kCanary, kGuard);
+    run.statics.clear();
     run_block(run, rng, order);
     for (size_t i = 0; i < kGuard && !run.fault; ++i)
       if (base[i] != kCanary || run.smem[dynamic_smem_bytes + i] != kCanary)

@@ -73,6 +73,9 @@ using WarpFn = void (*)(void* const* lane_args, int lanes);
 void warp_call(WarpFn fn, void* arg, const char* what);
 void sync_threads();
 unsigned char* dynamic_smem();
+// The block's storage for the static __shared__ array declared at `site` (0xFF-filled at every
+// block start, like the garbage a GPU leaves in shared memory).
+void* static_smem(const void* site, size_t bytes, size_t align);
 // cp.async (cuda_pipeline.h): copies queue in the thread's open group; a commit closes it; a wait
 // lands every group but the newest n. When they land otherwise depends on the schedule: at the
 // wait (forward, the latest a GPU may), at once (reverse, the earliest) or either (shuffle), so

@@ -71,6 +71,12 @@ __global__ void unwaited_async_copy(const int* in) {
   __pipeline_commit();
 }
 
+// Reads static shared memory it never wrote: the emulator's garbage (0xFF bytes: -1 ints).
+__global__ void unwritten_static_shared(int* out) {
+  __shared__ int cache[32];
+  out[threadIdx.x] = cache[threadIdx.x];
+}
+
 std::string last_error() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
@@ -82,7 +88,8 @@ std::string last_error() {
 // 3 missing barrier (checksum of the schedule-dependent output), 4 misaligned WMMA, 5 shared
 // memory overflow, 6 dynamic shared memory above the default without cudaFuncSetAttribute, 7 a
 // global-memory read past the end of a heap buffer (reported by AddressSanitizer builds only), 8 a
-// cp.async copy never waited for.
+// cp.async copy never waited for, 9 a read of unwritten static shared memory (checksum: the sum of
+// what the 32 threads read).
 std::string fot_emu_selftest(int which, int64_t* checksum) {
   std::vector<int> in(kN), out(kN, 0);
   std::vector<float> fout(kN, 0.f);
@@ -123,6 +130,10 @@ std::string fot_emu_selftest(int which, int64_t* checksum) {
     }
     case 8:
       unwaited_async_copy<<<1, 32, 32 * 16>>>(in.data());
+      break;
+    case 9:
+      unwritten_static_shared<<<2, 32>>>(out.data());
+      for (int i = 0; i < 32; ++i) *checksum += out[i];
       break;
     default:
       return "unknown self-test";
