@@ -142,13 +142,11 @@ struct Run {
 };
 
 Run* g_run = nullptr;
-}  // namespace
 cudaError_t g_last = cudaSuccess;
-std::string g_message;
+std::string g_message;  // of the last error, kept after cudaGetLastError for cudaGetErrorString
 std::map<const void*, int> g_max_dynamic_smem;
 std::vector<std::unique_ptr<char[]>> g_stacks;  // uninitialised: only touched pages count
 std::mt19937_64 g_async_rng;                    // when cp.async copies land under the shuffled schedule
-namespace {
 
 cudaError_t set_error(cudaError_t err, const std::string& msg) {
   if (g_last == cudaSuccess) {
