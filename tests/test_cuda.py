@@ -170,16 +170,21 @@ def test_memory_attention_tensor_core_head_dims(env, dtype, d):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_shared_memory_budget_picks_smaller_tiles(emulated, dtype):
-    """A device with 99 KB of shared memory per block (sm_86 / sm_89, e.g. an RTX 4090, against an
-    H100's 227 KB): the plans fall back to smaller tiles; an fp32 D=256 k=256 scan no longer fits
-    and is refused with a message."""
+    """A device with 99 KB of shared memory per block (sm_86 / 89 / 120, e.g. an RTX 4090, against an
+    H100's 227 KB): the plans fall back to smaller tiles, down to 16-slot attention tiles and 32-slot
+    kNN tiles for D=256, k=256 (tests/test_cuda_compile.py tabulates every plan); with 48 KB an
+    fp32 D=256 k=256 scan no longer fits and is refused with a message."""
     import cuda_emu
 
     cuda_emu.configure(smem_optin=99 * 1024)
     case = make_case(1, 4, 2, 70, 70, 1500, 128, dtype=dtype, lengths=True, mask=True, device="cpu")
     for topk in (None, 16):
         _attention_against_reference(emulated, case, dtype, topk=topk)
-    assert cuda_emu.stats()["max_dynamic_smem"] > 0
+    case = make_case(1, 2, 1, 6, 6, 700, 256, dtype=dtype, lengths=True, mask=True, device="cpu")
+    _attention_against_reference(emulated, case, dtype, topk=256)
+    _attention_against_reference(emulated, case, dtype, topk=None)
+    assert 0 < cuda_emu.stats()["max_dynamic_smem"] <= 99 * 1024
+    cuda_emu.configure(smem_optin=48 * 1024)
     q = torch.randn(1, 1, 4, 256)
     with pytest.raises(RuntimeError, match="shared memory does not fit"):
         emulated.ops.knn_scan(q, torch.randn(1, 1, 100, 256), None, None, 256)

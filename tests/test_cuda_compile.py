@@ -193,50 +193,38 @@ def format_table(kernels: list[Kernel]) -> str:
 
 
 # ----------------------------------------------------------------- dynamic shared memory plans
-# Mirrors knn_layout / flash_layout and the plans' tile choice in csrc/cuda/{knn,attention}.cu:
-# keep in sync. The kernels try row tiles 64 -> 32 -> 16 (and, for attention, 64 then 32 key
-# slots per tile) and take the first that fits; the plan errors out if none does.
+# The plans csrc/cuda's own code picks (knn_plan / flash_plan, run on the CPU through the CUDA
+# emulator, tests/cuda_emu: no mirror of the layouts here) for devices with each opt-in shared
+# memory limit. Every supported shape must fit everywhere (the plans fall back to smaller tiles).
+PLAN_LIMITS = {"sm_80": 163 * 1024, "sm_86/89/120": 99 * 1024, "sm_90": 227 * 1024}
 
 
-def _align(x: int, a: int = 128) -> int:
-    return (x + a - 1) // a * a
+def smem_plans() -> list[tuple[str, dict]]:
+    """(description, {device: plan dict or None}) for 64 query rows per kv head."""
+    import cuda_emu
 
-
-def knn_smem(bm: int, d: int, k: int, tc: bool) -> int:
-    esz, dp = (2 if tc else 4), (max(d, 1) + 15) // 16 * 16
-    ld = dp + 8 if tc else dp + 1
-    k32 = (k + 31) // 32 * 32
-    parts = [bm * ld * esz, 64 * ld * esz, bm * 68 * 4, 64, bm * k32 * 8, bm * 64 * 8, bm * 4, bm * 8]
-    return sum(_align(p) for p in parts)
-
-
-def flash_smem(bm: int, bn: int, d: int, tc: bool) -> int:
-    esz, dp = (2 if tc else 4), (max(d, 1) + 15) // 16 * 16
-    ldq = dp + 8 if tc else dp + 1
-    ldv = dp + 8 if tc else dp
-    parts = [bm * ldq * esz, bn * ldq * esz, bn * ldv * esz, bm * (bn + 4) * 4, bm * (bn + 8) * esz if tc else 0,
-             bm * (dp + 4) * 4, bm * 4, bm * 4, bm * 4, bn]  # fmt: skip
-    return sum(_align(p) for p in parts)
-
-
-def smem_plans() -> list[tuple[str, int, dict]]:
-    """(description, bytes of the preferred tile, {arch: tile chosen or None})."""
     rows = []
     for tc in (True, False):
         for d in (64, 100, 128, 256):
+            path = "tc  " if tc else "simt"
             for k in (32, 128, 256):
-                chosen = {a: next((bm for bm in (64, 32, 16) if knn_smem(bm, d, k, tc) <= SMEM_LIMIT[a]), None) for a in ARCHS}
-                rows.append((f"knn_scan   {'tc  ' if tc else 'simt'} D={d:3d} k={k:3d}", knn_smem(64, d, k, tc), chosen))
-            options = [(bm, bn) for bn in (64, 32) for bm in (64, 32, 16)]
-            chosen = {a: next((o for o in options if flash_smem(*o, d, tc) <= SMEM_LIMIT[a]), None) for a in ARCHS}
-            rows.append((f"flash_scan {'tc  ' if tc else 'simt'} D={d:3d}      ", flash_smem(64, 64, d, tc), chosen))
+                plans = {dev: cuda_emu.plan("knn", rows=64, head_dim=d, k=k, tensor_cores=tc, smem_optin=lim)
+                         for dev, lim in PLAN_LIMITS.items()}  # fmt: skip
+                rows.append((f"knn_scan   {path} D={d:3d} k={k:3d}", plans))
+            plans = {dev: cuda_emu.plan("flash", rows=64, head_dim=d, tensor_cores=tc, smem_optin=lim)
+                     for dev, lim in PLAN_LIMITS.items()}  # fmt: skip
+            rows.append((f"flash_scan {path} D={d:3d}      ", plans))
     return rows
 
 
 def format_plans(rows) -> str:
-    lines = ["kernel / dtype path / shape            smem(BM=64)  tile on sm_80  tile on sm_90"]
-    for desc, size, chosen in rows:
-        lines.append(f"{desc:38} {size:10d}  {str(chosen[80]):>13}  {str(chosen[90]):>13}")
+    def cell(plan):
+        return "none fits" if plan is None else f"{plan['bm']}x{plan['bn']} {plan['smem'] // 1024}KB"
+
+    lines = [f"{'kernel / dtype path / shape':34}" + "".join(f"{dev:>18}" for dev in PLAN_LIMITS)
+             + "   (BMxBN tile, dynamic shared memory)"]  # fmt: skip
+    for desc, plans in rows:
+        lines.append(f"{desc:34}" + "".join(f"{cell(plans[dev]):>18}" for dev in PLAN_LIMITS))
     return "\n".join(lines)
 
 
@@ -330,10 +318,13 @@ def test_sass_uses_tensor_cores_and_no_local_memory(kernels):
     print("\n" + "\n".join(lines))
 
 
-def test_shared_memory_plans_fit():
+def test_shared_memory_plans_fit(monkeypatch):
+    from conftest import emulate_cuda_backend
+
+    emulate_cuda_backend(monkeypatch)  # builds the emulator (skips without a compiler, unless CI)
     rows = smem_plans()
     print("\n" + format_plans(rows))
-    missing = [desc for desc, _, chosen in rows if None in chosen.values()]
+    missing = [f"{desc} on {dev}" for desc, plans in rows for dev, plan in plans.items() if plan is None]
     assert not missing, f"no tile fits the shared memory limit for: {missing}"
 
 
@@ -343,4 +334,5 @@ if __name__ == "__main__":
         sys.exit(0)
     print(format_table(compile_all(NVCC)))
     print()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fot_kernels, for the emulator
     print(format_plans(smem_plans()))

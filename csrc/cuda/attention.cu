@@ -316,19 +316,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) gather_attention_kernel(const 
 
 bool flash_plan(FlashParams& p, const DeviceLimits& lim, const char** why) {
   const int esz = p.tc ? 2 : 4;
-  p.bm = 0;
-  for (int bn = 64; bn >= 32 && p.bm == 0; bn /= 2) {
-    for (int bm = first_row_tile(p.N); bm >= 16; bm /= 2) {
-      const size_t smem = flash_layout(bm, bn, p.D, p.tc, esz).total;
-      if (smem <= (size_t)lim.smem_optin) {
-        p.bm = bm;
-        p.bn = bn;
-        p.smem = smem;
-        break;
-      }
-    }
-  }
-  if (p.bm == 0) {
+  if (!pick_tiles(p, lim, {64, 32, 16}, [&](int bm, int bn) { return flash_layout(bm, bn, p.D, p.tc, esz).total; })) {
     *why = "the attention kernel's shared memory does not fit this device";
     return false;
   }

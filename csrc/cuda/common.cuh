@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 
 #include "fot_cuda.h"
@@ -39,6 +40,25 @@ inline int first_row_tile(int N) {
   int bm = 16;
   while (bm < 64 && bm < N) bm *= 2;
   return bm;
+}
+
+// Picks the largest tiles whose layout fits the device's opt-in shared memory: bn from `bns`
+// (largest first), for each bm from first_row_tile(N) down to 16; smem_of(bm, bn) is a layout's
+// size in bytes. Sets p.bm, p.bn, p.smem; false if none fits.
+template <typename F>
+bool pick_tiles(ScanParams& p, const DeviceLimits& lim, std::initializer_list<int> bns, F smem_of) {
+  for (int bn : bns) {
+    for (int bm = first_row_tile(p.N); bm >= 16; bm /= 2) {
+      const size_t smem = smem_of(bm, bn);
+      if (smem <= (size_t)lim.smem_optin) {
+        p.bm = bm;
+        p.bn = bn;
+        p.smem = smem;
+        return true;
+      }
+    }
+  }
+  return false;
 }
 
 // Cuts the memory into splits so that about 4 blocks per SM are in flight, each scanning >= 8

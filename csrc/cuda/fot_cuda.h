@@ -26,8 +26,9 @@ struct DeviceLimits {
 
 // ------------------------------------------------------------------------------- tile scans
 // What the two tile kernels (knn_scan, flash_scan) share: query rows [B*H, N, D] contiguous, the
-// memory's validity, and the launch plan: grid (row tiles of bm rows, B*H, splits), the memory
-// cut into `splits` ranges of split_len slots, `smem` bytes of dynamic shared memory per block.
+// memory's validity, and the launch plan: grid (row tiles of bm rows, B*H, splits), memory tiles
+// of bn slots, the memory cut into `splits` ranges of split_len slots, `smem` bytes of dynamic
+// shared memory per block.
 struct ScanParams {
   const void* q;
   const int64_t* lengths;  // [B] or nullptr
@@ -38,7 +39,7 @@ struct ScanParams {
   bool tc;      // tensor cores: fp16/bf16 query and memory of the same dtype; else fp32 query rows
   int q_vec;    // widest vector load allowed for the query: 16, 8, 4 bytes, or 0 (scalar)
   // plan
-  int bm, splits;
+  int bm, bn, splits;
   int64_t split_len;
   size_t smem;
 };
@@ -73,7 +74,6 @@ struct FlashParams : ScanParams {
   int64_t causal_lq;
   float scale_log2;  // softmax_scale * log2(e)
   int k_vec, v_vec;
-  int bn;  // plan: memory slots per tile
   float* out;
   float* lse;
   float* part_o;

@@ -5,7 +5,6 @@
 namespace fot_cuda {
 namespace {
 
-constexpr int kBN = 64;  // memory slots per tile
 constexpr int kCB = 64;  // candidate buffer entries per row (flushed into the top list when full)
 constexpr int kKT = kMaxK / 32;
 
@@ -16,22 +15,22 @@ struct KnnLayout {
 };
 
 // Shared-memory layout of one block, computed identically on the host (plan) and the device.
-__host__ __device__ inline KnnLayout knn_layout(int BM, int D, int k, bool tc, int esz) {
+__host__ __device__ inline KnnLayout knn_layout(int BM, int BN, int D, int k, bool tc, int esz) {
   KnnLayout L;
   L.Dp = round_up(D < 1 ? 1 : D, 16);
   L.ldq = L.ldk = tc ? L.Dp + 8 : L.Dp + 1;
-  L.lds = kBN + 4;
+  L.lds = BN + 4;
   L.K32 = round_up(k, 32);
   size_t o = 0;
   L.off_q = o;
   o = align_up(o + (size_t)BM * L.ldq * esz, 128);
   L.off_k = o;
-  L.k_tile = align_up((size_t)kBN * L.ldk * esz, 128) / esz;
+  L.k_tile = align_up((size_t)BN * L.ldk * esz, 128) / esz;
   o += (tc ? 2 : 1) * L.k_tile * esz;
   L.off_s = o;
   o = align_up(o + (size_t)BM * L.lds * sizeof(float), 128);
   L.off_valid = o;
-  o = align_up(o + kBN, 128);
+  o = align_up(o + BN, 128);
   L.off_top = o;
   o = align_up(o + (size_t)BM * L.K32 * sizeof(uint64_t), 128);
   L.off_cand = o;
@@ -60,8 +59,8 @@ template <typename TK, bool TC>
 __global__ void __launch_bounds__(kThreads, 2) knn_scan_kernel(const KnnParams p) {
   using TS = typename std::conditional<TC, TK, float>::type;  // tile storage / product type
   extern __shared__ __align__(128) unsigned char smem[];
-  const int BM = p.bm;
-  const KnnLayout L = knn_layout(BM, p.D, p.k, TC, (int)sizeof(TS));
+  const int BM = p.bm, BN = p.bn;  // BN: 64 or 32 (a multiple of the 32 selection lanes)
+  const KnnLayout L = knn_layout(BM, BN, p.D, p.k, TC, (int)sizeof(TS));
   TS* q_s = reinterpret_cast<TS*>(smem + L.off_q);        // [BM][ldq]
   TS* k_s = reinterpret_cast<TS*>(smem + L.off_k);        // [2 (TC) or 1][BN][ldk]
   float* s_s = reinterpret_cast<float*>(smem + L.off_s);  // [BM][lds]
@@ -91,41 +90,41 @@ __global__ void __launch_bounds__(kThreads, 2) knn_scan_kernel(const KnnParams p
   // converted tiles, or odd D) one buffer, loaded synchronously at the top of each step.
   const bool pipelined = TC && p.k_vec >= 4;
   auto load_keys = [&](int64_t m, TS* buf) {
-    const int nv = (int)min64(kBN, m_end - m);
+    const int nv = (int)min64(BN, m_end - m);
     if constexpr (TC) {
       if (pipelined) {
-        load_tile_async<TS>(buf, L.ldk, kbase + m * p.keys.sm, p.keys.sm, nv, kBN, p.D, L.Dp, p.k_vec, nullptr);
+        load_tile_async<TS>(buf, L.ldk, kbase + m * p.keys.sm, p.keys.sm, nv, BN, p.D, L.Dp, p.k_vec, nullptr);
         return;
       }
     }
-    load_tile<TS, TK>(buf, L.ldk, kbase + m * p.keys.sm, p.keys.sm, nv, kBN, p.D, L.Dp, p.k_vec, nullptr);
+    load_tile<TS, TK>(buf, L.ldk, kbase + m * p.keys.sm, p.keys.sm, nv, BN, p.D, L.Dp, p.k_vec, nullptr);
   };
   if (pipelined && m_begin < m_end) load_keys(m_begin, k_s);
   __pipeline_commit();
 
   int step = 0;
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += kBN, ++step) {
-    const int nvalid = (int)min64(kBN, m_end - m0);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += BN, ++step) {
+    const int nvalid = (int)min64(BN, m_end - m0);
     TS* k_tile = k_s + (pipelined ? (size_t)(step & 1) * L.k_tile : 0);
     __syncthreads();  // the previous step has finished reading s_s / valid_s and its key buffer
     if (pipelined) {
-      if (m0 + kBN < m_end) load_keys(m0 + kBN, k_s + (size_t)((step + 1) & 1) * L.k_tile);
+      if (m0 + BN < m_end) load_keys(m0 + BN, k_s + (size_t)((step + 1) & 1) * L.k_tile);
       __pipeline_commit();
       __pipeline_wait_prior(1);  // this thread's copies of the current tile have landed
     } else {
       load_keys(m0, k_tile);
     }
-    for (int c = threadIdx.x; c < kBN; c += kThreads)
+    for (int c = threadIdx.x; c < BN; c += kThreads)
       valid_s[c] = (c < nvalid && (mrow == nullptr || mrow[m0 + c])) ? 1 : 0;
     __syncthreads();  // every thread's part of the tile
-    score_tile<TS, TC>(q_s, L.ldq, k_tile, L.ldk, s_s, L.lds, BM, kBN, p.D, L.Dp);
+    score_tile<TS, TC>(q_s, L.ldq, k_tile, L.ldk, s_s, L.lds, BM, BN, p.D, L.Dp);
     __syncthreads();
     // selection: warp w owns rows w, w + 8, ...; a score is a candidate if its slot is valid,
     // it is not NaN, and its key beats the row's current k-th best
     for (int r = warp; r < rows; r += kWarps) {
       uint64_t thr = thr_s[r];
       int cnt = cnt_s[r];
-      for (int c0 = 0; c0 < kBN; c0 += 32) {
+      for (int c0 = 0; c0 < BN; c0 += 32) {
         if (cnt + 32 > kCB) flush_row(cand_s + r * kCB, cnt, top_s + r * L.K32, p.k, thr, lane);
         const int c = c0 + lane;
         const float s = s_s[r * L.lds + c];
@@ -200,20 +199,12 @@ bool knn_plan(KnnParams& p, const DeviceLimits& lim, const char** why) {
     return false;
   }
   const int esz = p.tc ? 2 : 4;
-  p.bm = 0;
-  for (int bm = first_row_tile(p.N); bm >= 16; bm /= 2) {
-    const size_t smem = knn_layout(bm, p.D, p.k, p.tc, esz).total;
-    if (smem <= (size_t)lim.smem_optin) {
-      p.bm = bm;
-      p.smem = smem;
-      break;
-    }
-  }
-  if (p.bm == 0) {
+  // BN = 32 only where 64 does not fit even at BM = 16 (fp32 D ~ 256 with k = 256 on a 99 KB device)
+  if (!pick_tiles(p, lim, {64, 32}, [&](int bm, int bn) { return knn_layout(bm, bn, p.D, p.k, p.tc, esz).total; })) {
     *why = "the kNN scan's shared memory does not fit this device";
     return false;
   }
-  plan_splits(p, lim, kBN, (int64_t)p.k * (int64_t)sizeof(uint64_t), /*allow=*/true);
+  plan_splits(p, lim, p.bn, (int64_t)p.k * (int64_t)sizeof(uint64_t), /*allow=*/true);
   return true;
 }
 

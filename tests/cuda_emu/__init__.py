@@ -120,7 +120,7 @@ def asan_environment() -> dict[str, str] | None:
 
 def configure(*, num_sms: int = 132, smem_optin: int = 227 * 1024, schedule: str = "forward", seed: int = 0) -> None:
     """The emulated device (default: an H100's SM count and shared-memory opt-in limit) and the
-    order fibers and blocks run in: "forward", "reverse" or "shuffle" (seeded)."""
+    order fibers and blocks run in: "forward", "reverse" or "shuffle" (seeded). Resets stats()."""
     code = {"forward": 0, "reverse": 1, "shuffle": 2}[schedule]
     load().emu_configure(num_sms, smem_optin, code, seed)
 
@@ -128,6 +128,15 @@ def configure(*, num_sms: int = 132, smem_optin: int = 227 * 1024, schedule: str
 def selftest(which: int) -> tuple[str, int]:
     """Runs self-test kernel `which` (selftest.cu): (the launch's error message or "", checksum)."""
     return tuple(load().emu_selftest(which))
+
+
+def plan(kind: str, *, rows: int, head_dim: int, k: int = 0, tensor_cores: bool, smem_optin: int,
+         num_sms: int = 132, slots: int = 1 << 20) -> dict | None:
+    """The launch plan csrc/cuda's own code (knn_plan / flash_plan) picks for `kind` ("knn" or
+    "flash") on a device with that much opt-in shared memory per block: {"bm", "bn", "smem",
+    "splits"}, or None when nothing fits."""
+    (bm, bn, smem, splits), _why = load().emu_plan(kind, rows, head_dim, k, tensor_cores, num_sms, smem_optin, slots)
+    return None if bm == 0 else {"bm": bm, "bn": bn, "smem": smem, "splits": splits}
 
 
 def stats() -> dict[str, int]:

@@ -5,6 +5,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fot_cuda.h"
 #include "runtime.h"
 
 std::string fot_emu_selftest(int which, int64_t* checksum);  // selftest.cu
@@ -25,6 +26,40 @@ void configure(int64_t num_sms, int64_t smem_optin, int64_t schedule, int64_t se
   c.smem_optin = (int)smem_optin;
   c.schedule = (int)schedule;
   c.seed = (uint64_t)seed;
+  fot_emu::stats() = fot_emu::Stats{};  // a freshly configured device starts its statistics anew
+}
+
+// The launch plan csrc/cuda would pick on a device with `num_sms` SMs and `smem_optin` bytes of
+// opt-in shared memory per block: {bm, bn, dynamic shared memory bytes, splits}, or {0, 0, 0, 0}
+// with the plan's reason when nothing fits. kind: "knn" (knn_scan; k >= 1) or "flash" (flash_scan).
+std::tuple<std::vector<int64_t>, std::string> plan(const std::string& kind, int64_t rows, int64_t head_dim,
+                                                   int64_t k, bool tensor_cores, int64_t num_sms, int64_t smem_optin,
+                                                   int64_t slots) {
+  const fot_cuda::DeviceLimits lim{(int)num_sms, (int)smem_optin};
+  const char* why = "";
+  fot_cuda::ScanParams* p = nullptr;
+  fot_cuda::KnnParams knn{};
+  fot_cuda::FlashParams flash{};
+  bool ok = false;
+  if (kind == "knn") {
+    p = &knn;
+  } else {
+    TORCH_CHECK(kind == "flash", "kind must be 'knn' or 'flash', got ", kind);
+    p = &flash;
+  }
+  p->B = p->H = 1;
+  p->N = (int)rows;
+  p->D = (int)head_dim;
+  p->M = slots;
+  p->tc = tensor_cores;
+  if (kind == "knn") {
+    knn.k = (int)k;
+    ok = fot_cuda::knn_plan(knn, lim, &why);
+  } else {
+    ok = fot_cuda::flash_plan(flash, lim, &why);
+  }
+  if (!ok) return {{0, 0, 0, 0}, why};
+  return {{p->bm, p->bn, (int64_t)p->smem, p->splits}, ""};
 }
 
 std::vector<int64_t> stats() {
@@ -38,4 +73,7 @@ TORCH_LIBRARY_FRAGMENT(fot_cuda_emu, m) {
   m.def("emu_configure(int num_sms, int smem_optin, int schedule, int seed) -> ()", &configure);
   m.def("emu_stats() -> int[]", &stats);
   m.def("emu_selftest(int which) -> (str, int)", &selftest);
+  m.def("emu_plan(str kind, int rows, int head_dim, int k, bool tensor_cores, int num_sms, int smem_optin, int slots) "
+        "-> (int[], str)",
+        &plan);
 }
