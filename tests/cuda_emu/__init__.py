@@ -1,17 +1,17 @@
 """Runs the CUDA C++ kernels of csrc/cuda on the CPU, so that CI (which has no GPU) executes them.
 
 ``load()`` compiles csrc/cuda/{knn,attention}.cu and bindings.cpp as host C++ against a small CUDA
-emulator (this directory: fake CUDA headers, threads as fibers, WMMA on whole tiles) and registers
-the same ops under ``torch.ops.fot_cuda_emu`` for CPU tensors. See README.md for what the emulator
-checks (barrier and warp-collective convergence, WMMA alignment, launch limits, shared-memory
-bounds, schedule-dependence) and what it does not model.
+emulator (this directory: stand-in CUDA headers, threads as fibers, WMMA fragments split across
+lanes, cp.async) and registers the same ops under ``torch.ops.fot_cuda_emu`` for CPU tensors. See
+README.md for what the emulator checks (barrier and warp-collective convergence, WMMA and cp.async
+alignment, launch limits, shared-memory bounds and garbage, schedule-dependence, AddressSanitizer
+for global memory) and what it does not model.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -142,9 +142,3 @@ def plan(kind: str, *, rows: int, head_dim: int, k: int = 0, tensor_cores: bool,
 def stats() -> dict[str, int]:
     launches, blocks, max_smem = load().emu_stats()
     return {"launches": launches, "blocks": blocks, "max_dynamic_smem": max_smem}
-
-
-if __name__ == "__main__":  # python tests/cuda_emu: build verbosely
-    sys.path.insert(0, str(ROOT))
-    load(verbose=True)
-    print("built", _OPS)
