@@ -49,6 +49,19 @@ def dtype_reasons(allowed: tuple, **tensors) -> list[str]:
             for name, t in tensors.items() if t is not None and t.dtype not in allowed]  # fmt: skip
 
 
+def capability_reasons(backend: str, device, minimum: tuple[int, int] = (8, 0)) -> list[str]:
+    """A reason when ``device`` is a CUDA GPU below the compute capability ``backend``'s kernels
+    need (both GPU backends: sm_80 and newer)."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= minimum:
+        return []
+    return [f"{backend} backend needs compute capability >= {minimum[0]}.{minimum[1]} (got {major}.{minor})"]
+
+
 def load(name: str) -> tuple[ModuleType | None, str | None]:
     """Import a backend module lazily: (module, None), or (None, why it cannot be imported)."""
     try:

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from . import dtype_reasons, streaming
+from . import capability_reasons, dtype_reasons, streaming
 
 NAME = "cuda"
 MAX_K = 256  # csrc/cuda/fot_cuda.h kMaxK
@@ -112,10 +112,8 @@ def unsupported_reasons(
         reasons.append(f"cuda backend needs {_DEVICE_TYPE.upper()} tensors, got {query.device.type}")
     if _EXTENSION_REASON is not None:
         reasons.append(_EXTENSION_REASON)
-    elif query.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(query.device)
-        if major < 8:  # the extension holds sm_80 / sm_90 code (+ PTX for newer GPUs) only
-            reasons.append(f"cuda backend needs compute capability >= 8.0 (got {major}.{minor})")
+    else:  # the extension holds sm_80 / sm_90 code (+ PTX for newer GPUs) only
+        reasons += capability_reasons("cuda", query.device)
     tensors = {"query": query, "mem_keys": mem_keys, "mem_values": mem_values, "key": key, "value": value}
     reasons += dtype_reasons(_DTYPES, **tensors)
     if mem_values is not None and mem_values.dtype != mem_keys.dtype:

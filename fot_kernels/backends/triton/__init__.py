@@ -22,7 +22,7 @@ import os
 import torch
 from torch import Tensor
 
-from .. import dtype_reasons
+from .. import capability_reasons, dtype_reasons
 from . import _configs as C
 
 NAME = "triton"
@@ -72,9 +72,7 @@ def unsupported_reasons(
         reasons.append(reason)
     device = query.device
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            reasons.append(f"triton backend needs compute capability >= 8.0 (got {major}.{minor})")
+        reasons += capability_reasons("triton", device)
     elif not (device.type == "cpu" and _interpret()):
         reasons.append(f"triton backend needs CUDA tensors (got {device.type}) and TRITON_INTERPRET is not set")
     reasons += dtype_reasons(_SERVED, query=query, mem_keys=mem_keys, key=key, value=value, mem_values=mem_values)
