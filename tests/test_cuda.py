@@ -169,6 +169,18 @@ def test_memory_attention_tensor_core_head_dims(env, dtype, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("lq", "lk"), [(1, 3000), (3, 2500), (700, 1100)])
+def test_long_local_context_splits_the_causal_part(env, dtype, lq, lk):
+    """Decoding (or short chunks) over a long local cache: the causal flash pass is split across
+    blocks like the memory; splits that start past a row's last visible key add nothing."""
+    case = make_case(1, 4, 2, lq, lk, 300, 64, dtype=dtype, lengths=True, device=env.dev)
+    before = _launches(env)
+    _attention_against_reference(env, case, dtype, topk=None, causal=True)
+    if env.emulated and lq < 700:  # the local scan and its split merge, the (short: unsplit) memory scan
+        assert _launches(env) - before == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_shared_memory_budget_picks_smaller_tiles(emulated, dtype):
     """A device with 99 KB of shared memory per block (sm_86 / 89 / 120, e.g. an RTX 4090, against an
     H100's 227 KB): the plans fall back to smaller tiles, down to 16-slot attention tiles and 32-slot

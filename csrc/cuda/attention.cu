@@ -320,8 +320,9 @@ bool flash_plan(FlashParams& p, const DeviceLimits& lim, const char** why) {
     *why = "the attention kernel's shared memory does not fit this device";
     return false;
   }
-  // the local part (causal) keeps one split: short key ranges, and causal tiles end early
-  plan_splits(p, lim, p.bn, (int64_t)(p.D + 1) * (int64_t)sizeof(float), /*allow=*/p.causal_lq == 0);
+  // Causal (local) parts split too: decoding over a long local cache has few rows and blocks;
+  // splits past a row tile's last visible key find an empty range and merge in as lse -inf.
+  plan_splits(p, lim, p.bn, (int64_t)(p.D + 1) * (int64_t)sizeof(float));
   return true;
 }
 

@@ -63,12 +63,12 @@ bool pick_tiles(ScanParams& p, const DeviceLimits& lim, std::initializer_list<in
 
 // Cuts the memory into splits so that about 4 blocks per SM are in flight, each scanning >= 8
 // tiles of `bn` slots, with the partial results (scratch_per_row_split bytes per row and split)
-// within kSplitScratchBytes; `allow` false keeps one split.
-inline void plan_splits(ScanParams& p, const DeviceLimits& lim, int bn, int64_t scratch_per_row_split, bool allow) {
+// within kSplitScratchBytes.
+inline void plan_splits(ScanParams& p, const DeviceLimits& lim, int bn, int64_t scratch_per_row_split) {
   const int64_t rows = (int64_t)p.B * p.H * p.N;
   const int64_t base = cdiv64(p.N, p.bm) * p.B * p.H;
   const int64_t tiles = cdiv64(p.M > 1 ? p.M : 1, bn);
-  int64_t splits = allow ? cdiv64(4LL * lim.num_sms, base > 1 ? base : 1) : 1;
+  int64_t splits = cdiv64(4LL * lim.num_sms, base > 1 ? base : 1);
   splits = min64(min64(splits, tiles / 8), min64(256, kSplitScratchBytes / (rows * scratch_per_row_split)));
   splits = max64(1, splits);
   p.split_len = cdiv64(tiles, splits) * bn;

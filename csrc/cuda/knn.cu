@@ -204,7 +204,7 @@ bool knn_plan(KnnParams& p, const DeviceLimits& lim, const char** why) {
     *why = "the kNN scan's shared memory does not fit this device";
     return false;
   }
-  plan_splits(p, lim, p.bn, (int64_t)p.k * (int64_t)sizeof(uint64_t), /*allow=*/true);
+  plan_splits(p, lim, p.bn, (int64_t)p.k * (int64_t)sizeof(uint64_t));
   return true;
 }
 
