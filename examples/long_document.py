@@ -56,36 +56,51 @@ def main() -> None:
 
     for topk in (None, args.topk):
         enable_memory(model, [0, 2], topk=topk, capacity=args.tokens, window=args.window, mem_dtype="bfloat16")
-        cache = model.fot_memory.new_cache()
-        start = time.perf_counter()
-        with torch.no_grad():
-            _, peak = peak_memory(lambda: model(doc, cache=cache, use_cache=False, logits_to_keep=1))
-        seconds = time.perf_counter() - start
-        mode = "dense" if topk is None else f"kNN k={topk}"
-        print(f"\n[{mode}] prefill: {args.tokens / seconds:,.0f} tokens/s ({seconds:.2f} s), peak RSS growth {peak / 2**20:.1f} MiB, "
-              f"memory per layer {cache.memory.num_slots(0)} slots in {cache.memory.dtype}")  # fmt: skip
+        try:
+            report(model, doc, topk, where)
+        finally:
+            disable_memory(model)
 
-        # (a) the needle's query in memory layer 0, at local position 0 (a fresh local context)
-        with torch.no_grad():
-            layer = model.model.layers[0]
-            hidden = layer.input_layernorm(model.model.embed_tokens(torch.tensor([[NEEDLE]])))
-            query = layer.self_attn.q_proj(hidden).view(1, 1, 4, -1).transpose(1, 2)  # [1, H, 1, D]
-            view = cache.memory.view(0)
-            scores, slots = fk.knn_topk(query, view.keys, 3, mem_lengths=view.lengths)
-            _, lse = fk.knn_attention(query, view.keys, view.values, topk=topk, mem_lengths=view.lengths)
-        scale = 1 / math.sqrt(query.shape[-1])
-        weight = torch.exp(scores[..., 0] * scale - lse)  # attention weight of the best slot, per head
-        best = slots[0, :, 0, 0]
-        found = int(best.mode().values)
-        print(f"  memory layer 0, needle query: best slot per head {best.tolist()} "
-              f"(attention weight {', '.join(f'{w:.2f}' for w in weight.flatten().tolist())})")  # fmt: skip
-        print(f"  planted fact retrieved: slot {found} -> document position {found}, next token {int(doc[0, found + 1])} "
-              f"(planted value {VALUE}) -> {'OK' if found == where and int(doc[0, found + 1]) == VALUE else 'MISSED'}")  # fmt: skip
-        with torch.no_grad():  # and the model itself runs the same query through all layers
-            logits = model(torch.tensor([[NEEDLE]]), cache=cache).logits
-        print(f"  model step on the needle token with memory: logits {tuple(logits.shape)}, finite {bool(torch.isfinite(logits).all())}")
-        disable_memory(model)
 
+def report(model: LlamaForCausalLM, doc: torch.Tensor, topk: int | None, where: int) -> None:
+    """Prefill ``doc`` into memory, then look the needle up in memory layer 0."""
+    tokens = doc.shape[1]
+    cache = model.fot_memory.new_cache()
+    start = time.perf_counter()
+    with torch.no_grad():
+        _, peak = peak_memory(lambda: model(doc, cache=cache, use_cache=False, logits_to_keep=1))
+    seconds = time.perf_counter() - start
+    mode = "dense" if topk is None else f"kNN k={topk}"
+    print(
+        f"\n[{mode}] prefill: {tokens / seconds:,.0f} tokens/s ({seconds:.2f} s), "
+        f"peak RSS growth {peak / 2**20:.1f} MiB, "
+        f"memory per layer {cache.memory.num_slots(0)} slots in {cache.memory.dtype}"
+    )
+
+    # (a) the needle's query in memory layer 0, at local position 0 (a fresh local context)
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        hidden = layer.input_layernorm(model.model.embed_tokens(torch.tensor([[NEEDLE]])))
+        query = layer.self_attn.q_proj(hidden).view(1, 1, 4, -1).transpose(1, 2)  # [1, H, 1, D]
+        view = cache.memory.view(0)
+        scores, slots = fk.knn_topk(query, view.keys, 3, mem_lengths=view.lengths)
+        _, lse = fk.knn_attention(query, view.keys, view.values, topk=topk, mem_lengths=view.lengths)
+    scale = 1 / math.sqrt(query.shape[-1])
+    weight = torch.exp(scores[..., 0] * scale - lse)  # attention weight of the best slot, per head
+    best = slots[0, :, 0, 0]
+    found = int(best.mode().values)
+    weights = ", ".join(f"{w:.2f}" for w in weight.flatten().tolist())
+    print(f"  memory layer 0, needle query: best slot per head {best.tolist()} (attention weight {weights})")
+    following = int(doc[0, found + 1])
+    verdict = "OK" if found == where and following == VALUE else "MISSED"
+    print(
+        f"  planted fact retrieved: slot {found} -> document position {found}, next token {following} "
+        f"(planted value {VALUE}) -> {verdict}"
+    )
+    with torch.no_grad():  # and the model itself runs the same query through all layers
+        logits = model(torch.tensor([[NEEDLE]]), cache=cache).logits
+    finite = bool(torch.isfinite(logits).all())
+    print(f"  model step on the needle token with memory: logits {tuple(logits.shape)}, finite {finite}")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,7 +34,9 @@ from fot_kernels.testing import assert_close_to_reference  # noqa: E402
 WINDOW, LAST = 16, 8
 
 
-def tiny_llama(heads: int = 4, kv_heads: int = 2, layers: int = 4, seed: int = 0, head_dim: int = 12) -> LlamaForCausalLM:
+def tiny_llama(
+    heads: int = 4, kv_heads: int = 2, layers: int = 4, seed: int = 0, head_dim: int = 12
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=101, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=layers,
@@ -58,7 +61,9 @@ def _repeat_kv(x, groups):
 
 
 class LongLlamaReference:
-    def __init__(self, model, mem_layers, *, window=WINDOW, last_context_length=LAST, mem_dtype=torch.float32, topk=None):
+    def __init__(
+        self, model, mem_layers, *, window=WINDOW, last_context_length=LAST, mem_dtype=torch.float32, topk=None
+    ):
         self.model, self.mem_layers, self.window, self.last = model, set(mem_layers), window, last_context_length
         self.mem_dtype, self.topk = mem_dtype, topk
         self.layers = model.model.layers
@@ -94,7 +99,8 @@ class LongLlamaReference:
             k, v, pos = torch.cat([past[0], k], -2), torch.cat([past[1], v], -2), torch.cat([past[2], pos], -2)
             if k.shape[-2] > self.window:
                 if is_mem and use_cache:
-                    drop = (k[:, :, :past_size].to(self.mem_dtype), v[:, :, :past_size].to(self.mem_dtype), mask[..., -1, :, None][:, :, :past_size])
+                    old_mask = mask[..., -1, :, None][:, :, :past_size]
+                    drop = (k[:, :, :past_size].to(self.mem_dtype), v[:, :, :past_size].to(self.mem_dtype), old_mask)
                     mem = drop if mem is None else tuple(torch.cat([a, b], -2) for a, b in zip(mem, drop))
                 k, v, pos, mask = k[:, :, past_size:], v[:, :, past_size:], pos[:, :, past_size:], mask[..., past_size:]
         new_past = (k, v, pos) if use_cache else None
@@ -104,7 +110,8 @@ class LongLlamaReference:
         w = torch.max(w, torch.tensor(-1e6, dtype=w.dtype))
         values = _repeat_kv(v, groups)
         if mem is not None:
-            mw = q @ _repeat_kv(mem[0], groups).transpose(2, 3).to(k.dtype) / math.sqrt(d) + mem[2].squeeze(-1).unsqueeze(-2)
+            mem_bias = mem[2].squeeze(-1).unsqueeze(-2)
+            mw = q @ _repeat_kv(mem[0], groups).transpose(2, 3).to(k.dtype) / math.sqrt(d) + mem_bias
             mw = torch.max(mw, torch.tensor(-1e6, dtype=mw.dtype))
             if self.topk is not None and self.topk < mw.shape[-1]:  # the paper's kNN: keep the k best slots
                 keep = torch.zeros_like(mw, dtype=torch.bool).scatter_(-1, mw.topk(self.topk, dim=-1).indices, True)
@@ -145,7 +152,10 @@ class LongLlamaReference:
         bsz, n = ids.shape
         initial = 0 if self.past is None else self.past[0][0].shape[-2]
         if pos is None:
-            start = torch.zeros(bsz, 1, dtype=torch.long) if self.past is None else self.past[0][2].view(bsz, -1).max(-1)[0].view(bsz, 1) + 1
+            if self.past is None:
+                start = torch.zeros(bsz, 1, dtype=torch.long)
+            else:
+                start = self.past[0][2].view(bsz, -1).max(-1)[0].view(bsz, 1) + 1
             pos = torch.arange(n).view(1, n) + start
         if mask2d is not None:
             mask2d = mask2d[:, -(initial + n):]
@@ -157,7 +167,8 @@ class LongLlamaReference:
             if mask2d is not None:
                 local = 0 if self.past is None else self.past[0][0].shape[-2]
                 m = mask2d[:, beg + initial - local : end + initial]
-            hidden.append(self._model_forward(ids[:, beg:end], m, pos[:, beg:end], False if self.past is None else use_cache))
+            cached = False if self.past is None else use_cache
+            hidden.append(self._model_forward(ids[:, beg:end], m, pos[:, beg:end], cached))
         length = n - to_mem + (0 if self.past is None else self.past[0][0].shape[-2])
         m = None if mask2d is None else mask2d[:, -length:]
         hidden.append(self._model_forward(ids[:, to_mem:], m, pos[:, to_mem:], use_cache))
@@ -201,7 +212,8 @@ def test_long_input_matches_longllama_reference(topk):
     ids, mask = _left_padded(length=61, pad=21)  # row 1: a whole first window of padding
     pos = _hf_positions(mask)
     ref_lo = LongLlamaReference(model, [1, 3], topk=topk).forward(ids, mask, pos)
-    ref_hi = LongLlamaReference(tiny_llama().double(), [1, 3], mem_dtype=torch.float64, topk=topk).forward(ids, mask, pos)
+    ref_hi = LongLlamaReference(tiny_llama().double(), [1, 3], mem_dtype=torch.float64, topk=topk)
+    ref_hi = ref_hi.forward(ids, mask, pos)
     enable_memory(model, [1, 3], topk=topk, capacity=128, last_context_length=LAST, mem_dtype=torch.float32)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, position_ids=pos)
@@ -264,7 +276,8 @@ def test_greedy_generation_matches_step_by_step_reference():
     ref_tokens = torch.cat(tokens, 1)
     enable_memory(model, [1, 3], capacity=128, last_context_length=LAST)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        kwargs = dict(max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        out = model.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(out.sequences[:, ids.shape[1]:], ref_tokens)
     for step, (a, b) in enumerate(zip(out.logits, ref_logits)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
@@ -408,8 +421,19 @@ def test_longllama_checkpoint_loads_into_stock_llama(tmp_path):
 
     model = tiny_llama(heads=4, kv_heads=4)
     cfg = model.config.to_dict()
-    longllama = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                     "max_position_embeddings", "rms_norm_eps", "initializer_range", "pad_token_id", "head_dim")}  # fmt: skip
+    fields = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "initializer_range",
+        "pad_token_id",
+        "head_dim",
+    )
+    longllama = {k: cfg[k] for k in fields}
     longllama.update(
         model_type="longllama", architectures=["LongLlamaForCausalLM"], auto_map={"AutoModelForCausalLM": "x.y"},
         mem_layers=[1, 3], last_context_length=LAST, mem_dtype="float32", mem_positionals=True,
@@ -429,3 +453,148 @@ def test_longllama_checkpoint_loads_into_stock_llama(tmp_path):
         out = loaded(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert isinstance(longllama_config_to_llama(longllama), LlamaConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks, batch size, gradients, layout
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"backend": "nope"}, ValueError, r"backend must be 'auto' or one of \[.*\], got 'nope'"),
+        ({"backend": 3}, TypeError, "backend must be a str"),
+        ({"topk": True}, TypeError, "topk must be an int, got bool"),
+        ({"topk": 2.0}, TypeError, "topk must be an int, got float"),
+        ({"window": 0}, ValueError, "window must be >= 1"),
+        ({"capacity": "64"}, TypeError, "capacity must be an int, got str"),
+        ({"last_context_length": -1}, ValueError, "last_context_length must be >= 0"),
+        ({"memory_layers": [True]}, TypeError, "each entry of memory_layers must be an int, got bool"),
+    ],
+)
+def test_enable_memory_checks_every_argument_before_changing_the_model(kwargs, error, match):
+    """Regression: backend="nope" was accepted and failed at the first forward."""
+    model = tiny_llama()
+    previous = model.config._attn_implementation
+    with pytest.raises(error, match=match):
+        enable_memory(model, **{"memory_layers": [1], "capacity": 64, **kwargs})
+    assert not hasattr(model, "fot_memory") and "forward" not in vars(model)
+    assert model.config._attn_implementation == previous
+
+
+def test_enable_memory_accepts_numpy_ints():
+    model = tiny_llama()
+    state = enable_memory(model, np.array([1, 3]), topk=np.int64(4), capacity=np.int64(64), window=np.int32(16))
+    assert state.memory_layers == (1, 3) and state.topk == 4 and type(state.capacity) is int
+    with torch.no_grad():
+        assert model(torch.randint(1, 101, (1, 30))).logits.shape == (1, 30, 101)
+
+
+def test_cache_with_another_batch_size_is_rejected():
+    """Regression: a batch-2 MemoryCache used with a batch-4 input was silently repeat-interleaved
+    (rows 0, 0, 1, 1 of the old state), which is only right for some beam-search layouts."""
+    model = tiny_llama()
+    enable_memory(model, [1], capacity=64, last_context_length=LAST)
+    cache = model.fot_memory.new_cache()
+    with torch.no_grad():
+        model(torch.randint(1, 101, (2, 30)), cache=cache)
+        with pytest.raises(ValueError, match=r"input batch size 4 differs from the MemoryCache's \(2\)"):
+            model(torch.randint(1, 101, (4, 3)), cache=cache)
+        assert cache.batch_rows == 2 and cache.seen_tokens == 30  # untouched by the rejected call
+        cache.batch_repeat_interleave(2)  # explicit, e.g. before beam search
+        assert model(torch.randint(1, 101, (4, 3)), cache=cache).logits.shape == (4, 3, 101)
+    with pytest.raises(TypeError, match="beam_idx must hold integer row indices, got a bool tensor"):
+        cache.reorder_cache(torch.tensor([True, False, True, True]))
+
+
+def test_a_call_failing_half_way_makes_the_cache_refuse_until_reset():
+    """A window that fails after memory layer 1 stored it but before layer 3 did leaves the
+    layers disagreeing; the cache must not be used silently afterwards."""
+    model = tiny_llama()
+    enable_memory(model, [1, 3], capacity=64, last_context_length=LAST)
+    cache = model.fot_memory.new_cache()
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    hook = model.model.layers[3].register_forward_pre_hook(boom)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="boom"):
+            model(torch.randint(1, 101, (1, 30)), cache=cache)
+        assert cache.memory.num_slots(1) == 16 and cache.memory.num_slots(3) == 0  # the half-way state
+        hook.remove()
+        with pytest.raises(RuntimeError, match=r"inconsistent: a call failed .*boom.*call cache.reset\(\)"):
+            model(torch.randint(1, 101, (1, 30)), cache=cache)
+        cache.reset()
+        ids = torch.randint(1, 101, (1, 30))
+        assert torch.equal(model(ids, cache=cache).logits, model(ids).logits)
+
+
+def test_memory_cache_checks_its_arguments():
+    with pytest.raises(ValueError, match="each entry of memory_layers must be <= 3"):
+        MemoryCache(4, [1, 4], window=16, capacity=64, mem_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"capacity \(8\) must be >= window \(16\)"):
+        MemoryCache(4, [1], window=16, capacity=8, mem_dtype=torch.float32)
+    with pytest.raises(TypeError, match="mem_dtype"):
+        MemoryCache(4, [1], window=16, capacity=64, mem_dtype="int8")
+    cache = MemoryCache(4, [1], window=16, capacity=64, mem_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="only usable through a model prepared by enable_memory"):
+        cache.update(torch.zeros(1, 2, 3, 12), torch.zeros(1, 2, 3, 12), 0)
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_training_steps_through_memory_layers_match_reference_backend(topk):
+    """A few optimizer steps of a tiny Llama with memory (windows -> memory, then the local part),
+    default backend vs backend="reference": every projection of every memory layer gets a finite,
+    non-zero gradient equal to the reference's, at every step; the output is never detached."""
+    ids, mask = _left_padded(length=45, pad=6)
+    models = [tiny_llama(), tiny_llama()]  # same seed: same weights
+    settings = dict(topk=topk, capacity=128, last_context_length=LAST, mem_dtype=torch.float32)
+    enable_memory(models[0], [1, 3], **settings)
+    enable_memory(models[1], [1, 3], **settings, backend="reference")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for step in range(3):
+        grads = []
+        for model, opt in zip(models, optimizers):
+            model.train()
+            opt.zero_grad()
+            out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+            assert out.loss.requires_grad
+            out.loss.backward()
+            attns = {i: model.model.layers[i].self_attn for i in (1, 3)}
+            grads.append({(i, p): getattr(attns[i], p).weight.grad.clone() for i in attns for p in PROJECTIONS})
+            opt.step()
+        for key, got in grads[0].items():
+            assert torch.isfinite(got).all() and got.abs().max() > 0, f"step {step}: {key} gradient is 0 or not finite"
+            torch.testing.assert_close(got, grads[1][key], atol=1e-6, rtol=1e-4, msg=f"step {step}: layer {key}")
+
+
+def test_layout_public_names_and_no_private_access_between_modules():
+    """The integration is a package by concern; every public name is importable from the package;
+    no module reaches into another object's private state (``obj._x`` with obj not ``self``); the
+    memory layers go through the public ops (no backend imported)."""
+    import ast
+    import importlib
+    import pathlib
+
+    import fot_kernels.integrations.transformers as pkg
+
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None
+    modules = {"cache", "attention", "forward", "enable", "longllama"}
+    assert modules <= {p.stem for p in pathlib.Path(pkg.__file__).parent.glob("*.py")}
+    assert importlib.import_module(f"{pkg.__name__}.cache").MemoryCache is MemoryCache
+    allowed = {"_attn_implementation"}  # transformers' own config field, read to restore it
+    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value.id if isinstance(node.value, ast.Name) else None
+                assert owner in ("self", "cls") or node.attr in allowed, f"{path.name}:{node.lineno} reads .{node.attr}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+                assert not any("backends" in n for n in names), f"{path.name}:{node.lineno} imports a backend"
