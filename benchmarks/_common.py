@@ -1,5 +1,6 @@
-"""Pieces shared by the benchmark scripts: timing, machine/version info, the CSV schema, tables
-and plots. Nothing here knows about a particular op.
+"""Pieces shared by the benchmark scripts: timing, benchmark modes, machine/version info, the CSV
+schema, tables and plots. Nothing here knows about a particular op (the baselines the ops are
+compared with are in baselines.py).
 
 Timing (:func:`measure`): ``warmup`` untimed calls (the first one is wrapped in
 :func:`fot_kernels.testing.peak_memory` and its result is returned for correctness checks; a first
@@ -8,7 +9,8 @@ call longer than ``long_call_s`` counts as a sample instead), then timed calls w
 ``budget_s`` seconds of timed calls have passed. A timed function receives a ``lap``
 callable and may call ``lap(name)`` to record the time since the start of the call under ``name``
 (e.g. faiss search alone, then search + attention, from the same run). Reported statistics are
-the median and the 20th/80th percentiles of the samples.
+the median and the 20th/80th percentiles of the samples. :func:`measure_interleaved` times
+several functions in alternation instead, so that a changing machine load weighs on all alike.
 
 CSV schema (Liger-Kernel's, one row per measurement and metric; see :data:`CSV_FIELDS`):
 kernel, provider, mode, metric, unit, x_name, x_value, median, p20, p80, samples, check, config
@@ -38,6 +40,28 @@ CSV_FIELDS = (
 )  # fmt: skip
 
 TOTAL = "total"  # lap name of a whole call
+
+#: ``--mode`` of the benchmark scripts -> the CSV ``mode`` column (Liger-Kernel's names). Only the
+#: forward pass so far. "bwd" (the backward alone, its forward outside the timing) and "fwdbwd"
+#: (forward + backward) are planned: each will be one entry here ("backward", "full") and one branch
+#: in :func:`timed_fn`; the scripts build every timed callable through :func:`timed_fn` already.
+MODES = {"fwd": "forward"}
+PLANNED_MODES = ("bwd", "fwdbwd")
+
+
+def add_mode_argument(parser) -> None:
+    """The ``--mode`` option shared by the benchmark scripts."""
+    parser.add_argument("--mode", choices=tuple(MODES), default="fwd",
+                        help="what is timed: fwd = the forward pass (default; the only mode so far: "
+                             f"{' and '.join(PLANNED_MODES)} are planned)")  # fmt: skip
+
+
+def timed_fn(mode: str, forward: Callable[[], object]) -> Callable[[], object]:
+    """The callable that ``mode`` times, built from an op's (or a baseline's) forward call.
+    ``fwd``: the forward call itself."""
+    if mode == "fwd":
+        return forward
+    raise ValueError(f"benchmark mode {mode!r} is not implemented (implemented: {', '.join(MODES)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,18 +124,57 @@ def measure(
     """Time ``fn(lap)``; see the module docstring. The first call's result and peak extra memory
     are returned. It is a warm-up call unless ``warmup=0`` or it took at least ``long_call_s``
     seconds (then its one-off costs are negligible and it counts as the first sample)."""
+    result, peak, samples = _first_calls(fn, warmup, long_call_s)
+    spent = sum(s[TOTAL] for s in samples)
+    while len(samples) < repeats and (len(samples) < min_repeats or spent < budget_s):
+        samples.append(_timed_call(fn)[1])
+        spent += samples[-1][TOTAL]
+    return _measurement(result, peak, samples)
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[Callable[[str], None]], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    budget_s: float = 10.0,
+    min_repeats: int = 2,
+    long_call_s: float = math.inf,
+) -> list[Measurement]:
+    """:func:`measure` of several functions together, for ratios on a machine whose load changes
+    (e.g. shared with other jobs): the first call and warm-up of each as in :func:`measure`, then
+    rounds of timed calls, one call of each function per round, the order rotating. It stops when
+    each has ``repeats`` samples, or at least ``min_repeats`` once ``budget_s`` seconds per
+    function have been spent."""
+    firsts = [_first_calls(fn, warmup, long_call_s) for fn in fns]
+    samples = [f[2] for f in firsts]
+    spent = sum(s[TOTAL] for ss in samples for s in ss)
+    rounds = 0
+    while any(len(ss) < repeats for ss in samples) and (
+        min(len(ss) for ss in samples) < min_repeats or spent < budget_s * len(fns)
+    ):
+        for j in (i % len(fns) for i in range(rounds, rounds + len(fns))):
+            if len(samples[j]) < repeats:
+                samples[j].append(_timed_call(fns[j])[1])
+                spent += samples[j][-1][TOTAL]
+        rounds += 1
+    return [_measurement(result, peak, ss) for (result, peak, _), ss in zip(firsts, samples)]
+
+
+def _first_calls(fn, warmup: int, long_call_s: float) -> tuple[object, int, list[dict[str, float]]]:
+    """The first call (its result and peak extra memory) and the rest of the warm-up; the first
+    call is a sample when ``warmup=0`` or it took at least ``long_call_s`` seconds."""
     from fot_kernels.testing import peak_memory
 
     release_free_heap()
     (result, first_laps), peak = peak_memory(lambda: _timed_call(fn))
     counts = warmup == 0 or first_laps[TOTAL] >= long_call_s
-    samples: list[dict[str, float]] = [first_laps] if counts else []
     for _ in range(0 if counts else warmup - 1):
         _timed_call(fn)
-    spent = sum(s[TOTAL] for s in samples)
-    while len(samples) < repeats and (len(samples) < min_repeats or spent < budget_s):
-        samples.append(_timed_call(fn)[1])
-        spent += samples[-1][TOTAL]
+    return result, peak, [first_laps] if counts else []
+
+
+def _measurement(result: object, peak: int, samples: list[dict[str, float]]) -> Measurement:
     laps = {name: Stats.of([s[name] for s in samples]) for name in samples[0]}
     return Measurement(result=result, peak_bytes=peak, laps=laps)
 
@@ -151,6 +214,31 @@ def git_commit(path: str | Path = ".") -> str:
         return "unknown"
 
 
+def available_memory() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_kernels_status() -> str:
+    """Which CPU path ``backend="cpu"`` runs: its C++ kernels or the PyTorch fallback (and why).
+    Builds the C++ kernels on first use, so call it before any timing. Backend internals are being
+    reorganised: where the status function has moved, this says "unknown"."""
+    try:
+        from fot_kernels.backends import cpu
+
+        why = cpu.extension_status()
+    except (ImportError, AttributeError) as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
+    return "C++ extension" if why is None else f"PyTorch fallback: {why}"
+
+
 def machine_info(threads: str) -> dict[str, str]:
     """The per-row constant CSV fields: device, timestamp, versions, git commit, threads."""
     import torch
@@ -182,7 +270,7 @@ def machine_info(threads: str) -> dict[str, str]:
 
 def csv_row(info: dict[str, str], config: dict, **fields: object) -> dict[str, object]:
     """One CSV row: the measurement's fields + the shape config (JSON) + machine info."""
-    row = {name: "" for name in CSV_FIELDS}
+    row = dict.fromkeys(CSV_FIELDS, "")
     row.update(info)
     row["config"] = json.dumps(config, sort_keys=True)
     row.update(fields)
@@ -244,11 +332,15 @@ def plot_panels(
     ylabel: str,
     title: str,
     ncols: int = 2,
+    ylabels: dict[str, str] | None = None,
+    hlines: dict[str, tuple[float, str]] | None = None,
 ) -> None:
     """Log-log line plots, panels in the given order, ``ncols`` per row:
     ``panels[title][series] = [(x, y, ok), ...]``. A series keeps one colour in every panel; a
     variant named ``"<series> [<variant>]"`` takes its base series' colour with a dashed line.
-    Points with ok=False (failed correctness check) are overdrawn with red crosses."""
+    Points with ok=False (failed correctness check) are overdrawn with red crosses.
+    ``ylabels[title]`` overrides ``ylabel`` for one panel; ``hlines[title] = (y, label)`` draws a
+    horizontal line there (e.g. a goal ratio)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,11 +359,14 @@ def plot_panels(
             bad = [p for p in points if not p[2]]
             if bad:
                 ax.plot([p[0] for p in bad], [p[1] for p in bad], "rx", markersize=12, mew=2)
+        if hlines and panel in hlines:
+            y, label = hlines[panel]
+            ax.axhline(y, color="grey", linestyle=":", linewidth=1.5, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel((ylabels or {}).get(panel, ylabel))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:

@@ -2,8 +2,9 @@
 
 Run (from the repository root, after ``pip install -e .[bench]``)::
 
-    python benchmarks/bench_cpu.py            # default grid (see --help), ~7-8 minutes on 2 quiet cores
-    python benchmarks/bench_cpu.py --quick    # ~1 minute smoke run on small shapes
+    python benchmarks/bench_cpu.py                      # default grid (see --help), ~10 minutes on 2 quiet cores
+    python benchmarks/bench_cpu.py --quick              # ~1-2 minute smoke run on small shapes
+    python benchmarks/bench_cpu.py --only dense-vs-sdpa # dense memory attention vs SDPA, Lq 256/1024 x M 16k/64k
     python benchmarks/bench_cpu.py --m 64k 256k --lq 1024 --ops knn_attention --providers fot_kernels faiss
 
 What is measured (B=1, fp32 query; memory fp32, plus one bf16-memory point):
@@ -15,22 +16,27 @@ What is measured (B=1, fp32 query; memory fp32, plus one bf16-memory point):
   exceeds ``--ref-max-gib`` / ``--ref-max-seconds``); ``faiss`` (IndexFlatIP exact search per kv
   head, then the attention over the found slots in torch), with ``faiss_search_only`` the search
   lap of the same calls; ``chunked_loop`` (per memory chunk: torch matmul, torch.topk, merge with
-  the running top-k; + the same torch attention); ``torch_qk`` / ``numpy_qk``: the score product
-  q @ K^T alone (MKL / OpenBLAS), the speed reference of dense mode.
+  the running top-k; + the same torch attention); dense mode: ``sdpa_concat`` (torch SDPA over
+  cat([memory, local]) with a bool mask, concatenation and mask made per call: what a user writes
+  today) and ``sdpa_call_only`` (the same SDPA call on a concatenation made outside the timing);
+  ``torch_qk`` / ``numpy_qk``: the score product q @ K^T alone (MKL / OpenBLAS). The baselines are
+  in benchmarks/baselines.py.
 - Median, p20 and p80 of the timed calls after one warm-up call (a first call longer than
   ``--max-seconds``/4 counts as a sample instead); the first call's result is checked for
   correctness and its peak extra resident memory is reported (``fot_kernels.testing.peak_memory``).
   GFLOP/s counts the score product only, 2 * B * Hq * Lq * M * D flops, for every op and
   provider, so that rates are comparable.
-- Correctness of fot_kernels at every point: knn_topk's selection against faiss's (exact float64
-  scores of both selections must agree, so only near-ties may differ); the attention outputs of the
-  last ``--check-rows`` queries against a float64 recomputation (dense: over all slots; kNN: over
-  fot's knn_topk selection), with the 2x rule of ``fot_kernels.testing.assert_close_to_reference``.
-  A point that fails shows FAIL and gets no speed ratio.
+- Correctness at every point: fot_kernels' knn_topk selection against faiss's (exact float64
+  scores of both selections must agree, so only near-ties may differ); the attention outputs of
+  fot_kernels (and of the SDPA baselines) for the last ``--check-rows`` queries against a float64
+  recomputation (dense: over all slots; kNN: over fot's knn_topk selection), with the 2x rule of
+  ``fot_kernels.testing.assert_close_to_reference``. A point that fails shows FAIL and gets no
+  speed ratio.
 
 Writes ``bench_cpu_<date>.csv`` (one row per measurement and metric, Liger-Kernel schema, see
-benchmarks/_common.py), ``.png`` (time vs M, log-log, one panel per op and Lq) and ``.txt`` (the
-console tables) to benchmarks/results/ (``--out DIR`` to change), then prints issue 2's targets.
+benchmarks/_common.py), ``.png`` (time vs M, log-log, one panel per op and Lq, plus the
+fot_kernels / SDPA time ratio) and ``.txt`` (the console tables) to benchmarks/results/ (``--out
+DIR`` to change). The performance goals these numbers are read against are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -41,17 +47,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
+import baselines as B
 
-import fot_kernels as fk  # noqa: E402
-from fot_kernels.testing import assert_close_to_reference  # noqa: E402
+import fot_kernels as fk
+from fot_kernels.testing import assert_close_to_reference
 
 OPS = ("knn_attention", "dense_attention", "knn_topk")
 OP_TITLES = {
@@ -59,9 +66,32 @@ OP_TITLES = {
     "dense_attention": "dense memory attention (memory_attention topk=None, local causal Lk=Lq)",
     "knn_topk": "knn_topk alone",
 }
-PROVIDERS = ("fot_kernels", "reference", "faiss", "chunked_loop", "torch_qk", "numpy_qk")
-# at the low-precision-memory point, to save time: baselines run on an exact fp32 copy of the memory
-LOW_PRECISION_PROVIDERS = ("fot_kernels", "faiss", "torch_qk")
+#: provider -> the ops it runs (a provider none of whose ops is selected is not set up at all)
+PROVIDER_OPS = {
+    "fot_kernels": OPS,
+    "reference": OPS,
+    "faiss": ("knn_topk", "knn_attention"),
+    "chunked_loop": ("knn_topk", "knn_attention"),
+    "sdpa_concat": ("dense_attention",),
+    "sdpa_call_only": ("dense_attention",),
+    "torch_qk": ("dense_attention",),
+    "numpy_qk": ("dense_attention",),
+}
+PROVIDERS = tuple(PROVIDER_OPS)
+#: at the low-precision-memory point, to save time (the baselines but SDPA's concatenation, which
+#: casts to the query's dtype as a user's code would, run on an exact fp32 copy of the memory)
+LOW_PRECISION_PROVIDERS = ("fot_kernels", "faiss", "sdpa_concat", "torch_qk")
+#: the SDPA baselines of dense attention (their outputs are checked, like fot_kernels')
+SDPA = ("sdpa_concat", "sdpa_call_only")
+#: fot_kernels / sdpa_concat time ratio that dense memory attention aims at (benchmarks/README.md)
+SDPA_GOAL = 0.9
+#: --only: named subsets of the grid and providers (options given explicitly win)
+SUBSETS = {
+    "dense-vs-sdpa": dict(
+        ops=["dense_attention"], providers=["fot_kernels", *SDPA], m=[16384, 65536], lq=[256, 1024], bf16_at="none",
+        interleave=True, repeats=7, max_seconds=12.0,
+    ),
+}
 GIB = 2**30
 
 
@@ -125,8 +155,12 @@ class Inputs:
 
     def grouped_rows(self) -> torch.Tensor:
         """[B, Hkv, G * Lq, D]: the queries of the G query heads that share a kv head (a view)."""
-        b, hq, lq, d = self.query.shape
-        return self.query.reshape(b, self.shape.kv_heads, (hq // self.shape.kv_heads) * lq, d)
+        return B.grouped_rows(self.query, self.shape.kv_heads)
+
+    def attend_selected(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Joint softmax over [local causal | the given memory slots] in torch (baselines.py)."""
+        return B.attend_selected(self.query, self.key, self.value, self.mem_values32, scores, indices,
+                                 scale=self.scale)  # fmt: skip
 
 
 def make_inputs(shape: Shape, seed: int) -> Inputs:
@@ -142,25 +176,8 @@ def make_inputs(shape: Shape, seed: int) -> Inputs:
 
 
 # ----------------------------------------------------------------------------------------------
-# Baselines written here: faiss search, the plain chunked loop, attention over given slots
+# faiss (the other baselines are in baselines.py)
 # ----------------------------------------------------------------------------------------------
-
-
-def attend_selected(inp: Inputs, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Joint softmax over [local causal | the given memory slots], in torch (gather + softmax).
-
-    scores/indices [B, Hq, Lq, k] (raw inner products, slots into M) -> out [B, Hq, Lq, D]."""
-    b, hq, lq, d = inp.query.shape
-    hkv, m, g = inp.shape.kv_heads, inp.shape.mem, hq // inp.shape.kv_heads
-    k_loc = inp.key.repeat_interleave(g, 1) if g > 1 else inp.key
-    v_loc = inp.value.repeat_interleave(g, 1) if g > 1 else inp.value
-    local = (inp.query @ k_loc.transpose(-1, -2)) * inp.scale  # [B, Hq, Lq, Lk]
-    local.masked_fill_(torch.ones(lq, lq, dtype=torch.bool).triu_(1), float("-inf"))
-    probs = torch.softmax(torch.cat([local, scores * inp.scale], -1), -1)
-    head_base = (torch.arange(b)[:, None] * hkv + torch.arange(hq)[None, :] // g) * m  # [B, Hq]
-    v_sel = inp.mem_values32.reshape(-1, d)[indices + head_base[..., None, None]]  # [B, Hq, Lq, k, D]
-    out = probs[..., :lq] @ v_loc
-    return out + (probs[..., None, lq:] @ v_sel).squeeze(-2)
 
 
 def faiss_indexes(inp: Inputs) -> list:
@@ -183,21 +200,6 @@ def faiss_search(inp: Inputs, indexes: list, rows: list[np.ndarray]) -> tuple[to
     scores = torch.from_numpy(np.stack([s for s, _ in found])).reshape(b, hq, lq, -1)
     indices = torch.from_numpy(np.stack([i for _, i in found])).reshape(b, hq, lq, -1)
     return scores, indices
-
-
-def chunked_topk(inp: Inputs, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain chunked loop: per memory chunk a torch matmul, torch.topk, merge with the running top-k."""
-    rows, keys, k = inp.grouped_rows(), inp.mem_keys32, inp.shape.k
-    best_s = best_i = None
-    for start in range(0, inp.shape.mem, chunk):
-        s = rows @ keys[:, :, start : start + chunk].transpose(-1, -2)  # [B, Hkv, G*Lq, C]
-        top_s, top_i = s.topk(min(k, s.shape[-1]), dim=-1)
-        top_i += start
-        if best_s is not None:
-            top_s, pick = torch.cat([best_s, top_s], -1).topk(k, dim=-1)
-            top_i = torch.cat([best_i, top_i], -1).gather(-1, pick)
-        best_s, best_i = top_s, top_i
-    return best_s.reshape(*inp.query.shape[:3], k), best_i.reshape(*inp.query.shape[:3], k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def fot_jobs(inp: Inputs, args: argparse.Namespace, backend: str = "cpu", slow: 
         "knn_topk": lambda: fk.knn_topk(q, mk, topk, backend=backend),
     }
     for op, call in calls.items():
-        yield Job(fn=_single_lap(op, call), laps={op: [(op, name)]}, slow=slow)
+        yield Job(fn=_single_lap(op, C.timed_fn(args.mode, call)), laps={op: [(op, name)]}, slow=slow)
 
 
 def _single_lap(op: str, call: Callable[[], object]) -> Callable:
@@ -241,6 +243,22 @@ def reference_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
     yield from fot_jobs(inp, args, backend="reference", slow=True)
 
 
+def sdpa_concat_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
+    """SDPA over cat([memory, local]) with the bool mask, all made per call (what a user writes)."""
+    q, k, v, mk, mv = inp.query, inp.key, inp.value, inp.mem_keys, inp.mem_values
+    call = C.timed_fn(args.mode, lambda: B.sdpa_concat(q, k, v, mk, mv, scale=inp.scale))
+    laps = {"dense_attention": [("dense_attention", "sdpa_concat")]}
+    yield Job(fn=_single_lap("dense_attention", call), laps=laps)
+
+
+def sdpa_call_only_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
+    """The SDPA call alone: concatenation and mask made once, outside the timing (freed on return)."""
+    kc, vc, mask = B.sdpa_concat_inputs(inp.query, inp.key, inp.value, inp.mem_keys, inp.mem_values)
+    call = C.timed_fn(args.mode, lambda: B.sdpa(inp.query, kc, vc, mask, scale=inp.scale))
+    laps = {"dense_attention": [("dense_attention", "sdpa_call_only")]}
+    yield Job(fn=_single_lap("dense_attention", call), laps=laps)
+
+
 def faiss_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
     indexes = faiss_indexes(inp)  # setup, not timed; freed when the generator finishes
     rows = [r.numpy() for r in inp.grouped_rows().reshape(-1, *inp.grouped_rows().shape[2:])]
@@ -248,7 +266,7 @@ def faiss_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
     def fn(lap: Callable[[str], None]) -> dict:
         scores, indices = faiss_search(inp, indexes, rows)
         lap("search")
-        out = attend_selected(inp, scores, indices)
+        out = inp.attend_selected(scores, indices)
         lap("attention")
         return {"search": (scores, indices), "attention": out}
 
@@ -259,9 +277,9 @@ def faiss_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
 
 def chunked_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
     def fn(lap: Callable[[str], None]) -> dict:
-        scores, indices = chunked_topk(inp, args.chunk)
+        scores, indices = B.chunked_topk(inp.query, inp.mem_keys32, inp.shape.k, args.chunk)
         lap("select")
-        out = attend_selected(inp, scores, indices)
+        out = inp.attend_selected(scores, indices)
         lap("attention")
         return {"select": (scores, indices), "attention": out}
 
@@ -294,7 +312,8 @@ def numpy_qk_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
 
 
 PROVIDER_JOBS = {"fot_kernels": fot_jobs, "reference": reference_jobs, "faiss": faiss_jobs,
-                 "chunked_loop": chunked_jobs, "torch_qk": torch_qk_jobs, "numpy_qk": numpy_qk_jobs}  # fmt: skip
+                 "chunked_loop": chunked_jobs, "sdpa_concat": sdpa_concat_jobs, "sdpa_call_only": sdpa_call_only_jobs,
+                 "torch_qk": torch_qk_jobs, "numpy_qk": numpy_qk_jobs}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +336,7 @@ class ReferenceModel:
         len_q = max(1, min(entries // mem, 4096))
         shape = Shape(len_q=len_q, mem=mem, q_heads=1, kv_heads=1, dim=dim, k=min(k, mem))
         inp, model = make_inputs(shape, seed), cls(calibrated_at=f"Hq=1, Lq={shape.len_q}, M={mem}")
-        for job in reference_jobs(inp, argparse.Namespace()):
+        for job in reference_jobs(inp, argparse.Namespace(mode="fwd")):
             (op, _), = next(iter(job.laps.values()))
             m = C.measure(job.fn, repeats=1, warmup=0, min_repeats=1)
             model.bytes_per_entry[op] = max(m.peak_bytes, 0) / shape.score_entries
@@ -406,30 +425,43 @@ def attention_rows(inp: Inputs, rows: int, selection: torch.Tensor | None, dtype
     return out
 
 
-def check_attention(inp: Inputs, out: torch.Tensor, rows: int, selection: torch.Tensor | None, op: str) -> None:
+def check_attention(inp: Inputs, op: str, outs: dict[str, torch.Tensor], rows: int,
+                    selection: torch.Tensor | None) -> dict[tuple[str, str], str]:  # fmt: skip
+    """Status of each provider's ``op`` output in ``outs`` against a recomputation of its last
+    ``rows`` query rows (made once for all of them)."""
     n = min(rows, inp.shape.len_q)
     hi, lo = (attention_rows(inp, rows, selection, dt) for dt in (torch.float64, torch.float32))
-    assert_close_to_reference(out[:, :, -n:], hi, lo, name=op)
+
+    def check(provider: str, out: torch.Tensor) -> None:
+        assert_close_to_reference(out[:, :, -n:], hi, lo, name=f"{op} {provider}")
+
+    return {(op, provider): _run_check(partial(check, provider, out)) for provider, out in outs.items()}
 
 
-def check_point(inp: Inputs, outputs: dict, rows: int) -> dict[str, str]:
-    """'ok' / 'FAIL: why' / 'unchecked: why' for each op fot_kernels ran at this point. The kNN
-    attention is recomputed over fot's knn_topk selection once that passed its check (the same
-    scan serves both), else over the baseline's selection."""
+def check_point(inp: Inputs, outputs: dict, rows: int) -> dict[tuple[str, str], str]:
+    """'ok' / 'FAIL: why' / 'unchecked: why' per (op, provider) checked at this point: every op
+    fot_kernels ran, and dense attention of the SDPA baselines. The kNN attention is recomputed over
+    fot's knn_topk selection once that passed its check (the same scan serves both), else over the
+    baseline's selection."""
     fot = {op: outputs.get((op, "fot_kernels")) for op in OPS}
     base = outputs.get(("selection", "faiss")) or outputs.get(("selection", "chunked_loop"))
     status = {}
     if fot["knn_topk"] is not None:
-        status["knn_topk"] = (_run_check(lambda: check_selection(inp, *fot["knn_topk"], base[1])) if base
-                              else "unchecked: no baseline selection (run faiss or chunked_loop)")  # fmt: skip
-    selection = fot["knn_topk"][1] if status.get("knn_topk") == "ok" else (base[1] if base else None)
-    for op, sel in (("knn_attention", selection), ("dense_attention", None)):
-        if fot[op] is None:
-            continue
-        if op == "knn_attention" and sel is None:
-            status[op] = "unchecked: no selection to compare with (run knn_topk, faiss or chunked_loop)"
+        status[("knn_topk", "fot_kernels")] = (
+            _run_check(lambda: check_selection(inp, *fot["knn_topk"], base[1])) if base
+            else "unchecked: no baseline selection (run faiss or chunked_loop)")  # fmt: skip
+    if fot["knn_attention"] is not None:
+        ok_topk = status.get(("knn_topk", "fot_kernels")) == "ok"
+        selection = fot["knn_topk"][1] if ok_topk else (base[1] if base else None)
+        if selection is None:
+            why = "unchecked: no selection to compare with (run knn_topk, faiss or chunked_loop)"
+            status[("knn_attention", "fot_kernels")] = why
         else:
-            status[op] = _run_check(lambda: check_attention(inp, fot[op], rows, sel, op))
+            status.update(check_attention(inp, "knn_attention", {"fot_kernels": fot["knn_attention"]}, rows, selection))
+    dense = {p: outputs[("dense_attention", p)] for p in ("fot_kernels", *SDPA)
+             if outputs.get(("dense_attention", p)) is not None}  # fmt: skip
+    if dense:
+        status.update(check_attention(inp, "dense_attention", dense, rows, None))
     return status
 
 
@@ -459,18 +491,23 @@ class PointResult:
     shape: Shape
     results: dict[tuple[str, str], Result] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
-    status: dict[str, str] = field(default_factory=dict)
+    status: dict[tuple[str, str], str] = field(default_factory=dict)  # (op, provider) -> ok / FAIL... / unchecked...
 
     def time(self, op: str, provider: str) -> float | None:
         r = self.results.get((op, provider))
         return r.time.median if r else None
 
 
+def timing(args: argparse.Namespace) -> dict:
+    """Keyword arguments of C.measure / C.measure_interleaved from the command line."""
+    return dict(repeats=args.repeats, warmup=args.warmup, budget_s=args.max_seconds, min_repeats=2,
+                long_call_s=args.max_seconds / 4)  # fmt: skip
+
+
 def run_job(job: Job, args: argparse.Namespace) -> C.Measurement:
     if job.slow:
         return C.measure(job.fn, repeats=1, warmup=0, min_repeats=1)
-    return C.measure(job.fn, repeats=args.repeats, warmup=args.warmup, budget_s=args.max_seconds, min_repeats=2,
-                     long_call_s=args.max_seconds / 4)  # fmt: skip
+    return C.measure(job.fn, **timing(args))
 
 
 def run_point(shape: Shape, args: argparse.Namespace, ref: ReferenceModel | None, log: Callable) -> PointResult:
@@ -480,20 +517,31 @@ def run_point(shape: Shape, args: argparse.Namespace, ref: ReferenceModel | None
         f"memory {shape.mem_dtype} (inputs made in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
     point, outputs = PointResult(shape), {}
     low = shape.mem_dtype != "float32"
-    for provider in (p for p in args.providers if not low or p in LOW_PRECISION_PROVIDERS):
-        run_provider(provider, inp, args, ref, point, outputs, log)
+    deferred = []  # --interleave: (provider, job, rows) of every provider, timed together below
+    for provider in args.providers:
+        if (not low or provider in LOW_PRECISION_PROVIDERS) and set(PROVIDER_OPS[provider]) & set(args.ops):
+            deferred += run_provider(provider, inp, args, ref, point, outputs, log)
+    if deferred:
+        measurements = C.measure_interleaved([job.fn for _, job, _ in deferred], **timing(args))
+        for (provider, job, rows), m in zip(deferred, measurements):
+            _record(point, outputs, m, provider, job, rows, log)
     point.status = check_point(inp, outputs, args.check_rows)
-    for op, status in point.status.items():
-        log(f"  check {op:<16} {status}")
+    for (op, provider), status in point.status.items():
+        log(f"  check {op:<16} {provider:<14} {status}")
     return point
 
 
 def run_provider(provider: str, inp: Inputs, args, ref: ReferenceModel | None, point: PointResult, outputs: dict,
-                 log: Callable) -> None:  # fmt: skip
-    """Measure one provider's jobs at this point; its setup (faiss indexes, buffers) is freed on return."""
-    if provider == "faiss" and not _have_faiss():
-        point.skipped.update({(op, "faiss"): "faiss not installed" for op in ("knn_topk", "knn_attention")})
-        return
+                 log: Callable) -> list[tuple[str, Job, dict]]:  # fmt: skip
+    """Measure one provider's jobs at this point; its setup (faiss indexes, buffers) is freed on
+    return. With --interleave, its jobs but the reference's are returned instead, to be timed
+    together with the other providers' (their setup alive until then)."""
+    reason = setup_skip_reason(provider, inp, args)
+    if reason:
+        point.skipped.update({(op, provider): reason for op in PROVIDER_OPS[provider] if op in args.ops})
+        log(f"  {provider:<18} skipped: {reason}")
+        return []
+    deferred = []
     for job in PROVIDER_JOBS[provider](inp, args):
         rows = {lap: [(op, p) for op, p in targets if op in args.ops] for lap, targets in job.laps.items()}
         if not any(rows.values()):
@@ -505,13 +553,32 @@ def run_provider(provider: str, inp: Inputs, args, ref: ReferenceModel | None, p
                 point.skipped[(op, provider)] = reason
                 log(f"  {provider:<18} {op:<16} skipped: {reason}")
                 continue
-        m = run_job(job, args)
-        _record(point, outputs, m, rows, log)
-        if job.selection_lap:
-            outputs[("selection", provider)] = m.result[job.selection_lap]
+        if args.interleave and not job.slow:
+            deferred.append((provider, job, rows))
+        else:
+            _record(point, outputs, run_job(job, args), provider, job, rows, log)
+    return deferred
 
 
-def _record(point: PointResult, outputs: dict, m: C.Measurement, rows: dict, log: Callable) -> None:
+def setup_skip_reason(provider: str, inp: Inputs, args: argparse.Namespace) -> str | None:
+    """Why ``provider`` cannot run at this point (faiss missing; SDPA's concatenation not fitting
+    in --sdpa-max-gib, by default 3/4 of the memory available now), or None."""
+    if provider == "faiss" and not _have_faiss():
+        return "faiss not installed"
+    if provider in SDPA:
+        need = B.sdpa_concat_bytes(inp.query, inp.shape.len_q, inp.shape.mem, inp.shape.kv_heads)
+        available = C.available_memory()
+        budget = args.sdpa_max_gib * GIB if args.sdpa_max_gib else 0.75 * available if available else math.inf
+        if need > budget:
+            what = f"--sdpa-max-gib {args.sdpa_max_gib:g}" if args.sdpa_max_gib else "3/4 of the memory available now"
+            return f"its concatenated keys/values and mask need ~{C.human_bytes(need)} > {what}"
+    return None
+
+
+def _record(point: PointResult, outputs: dict, m: C.Measurement, provider: str, job: Job, rows: dict,
+            log: Callable) -> None:  # fmt: skip
+    if job.selection_lap:
+        outputs[("selection", provider)] = m.result[job.selection_lap]
     last = list(rows)[-1]
     for lap, targets in rows.items():
         for op, provider in targets:
@@ -533,28 +600,37 @@ def _have_faiss() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reporting: tables, CSV rows, plot, targets
+# Reporting: tables, CSV rows, plot
 # ----------------------------------------------------------------------------------------------
 
 
+def _ok(point: PointResult, op: str, provider: str = "fot_kernels") -> bool:
+    return point.status.get((op, provider)) == "ok"
+
+
+def _status_word(point: PointResult, op: str, provider: str = "fot_kernels") -> str:
+    """'FAIL' / 'unchecked' for a result that did not pass its check."""
+    return point.status.get((op, provider), "unchecked").split(":")[0]
+
+
 def time_ratio(point: PointResult, op: str, provider: str) -> float | None:
-    """fot_kernels time / provider time; None unless fot_kernels passed its check at this point."""
+    """fot_kernels time / provider time; None unless fot_kernels passed its check at this point
+    (and the provider too, where its output is checked)."""
     t_fot, t_other = point.time(op, "fot_kernels"), point.time(op, provider)
     if provider == "fot_kernels" or t_fot is None or t_other is None or not _ok(point, op):
+        return None
+    if (op, provider) in point.status and not _ok(point, op, provider):
         return None
     return t_fot / t_other
 
 
 def ratio_text(point: PointResult, op: str, provider: str) -> str:
     ratio = time_ratio(point, op, provider)
-    if ratio is None and provider != "fot_kernels" and (op, "fot_kernels") in point.results:
-        return _status_word(point, op)
+    measured = (op, "fot_kernels") in point.results and (op, provider) in point.results
+    if ratio is None and provider != "fot_kernels" and measured:
+        failed = provider if (op, provider) in point.status and not _ok(point, op, provider) else "fot_kernels"
+        return _status_word(point, op, failed)
     return "" if ratio is None else f"{ratio:.2f}x"
-
-
-def _status_word(point: PointResult, op: str) -> str:
-    """'FAIL' / 'unchecked' for an op whose fot_kernels result did not pass its check."""
-    return point.status.get(op, "unchecked").split(":")[0]
 
 
 def tables(points: list[PointResult]) -> str:
@@ -586,21 +662,43 @@ def _table_row(point: PointResult, op: str, provider: str, first: bool) -> tuple
         return (mem, provider, "skipped", "", "", "", "", point.skipped[(op, provider)])
     r = point.results[(op, provider)]
     t = r.time
-    check = point.status.get(op, "") if provider == "fot_kernels" else ""
     return (mem, provider, f"{t.median * 1e3:.2f}", f"{t.p20 * 1e3:.2f}..{t.p80 * 1e3:.2f}",
             f"{point.shape.score_flops / t.median / 1e9:.1f}", C.human_bytes(r.peak_bytes),
-            ratio_text(point, op, provider), check[:60])  # fmt: skip
+            ratio_text(point, op, provider), point.status.get((op, provider), "")[:60])  # fmt: skip
 
 
-def csv_rows(points: list[PointResult], info: dict) -> list[dict]:
+def sdpa_table(points: list[PointResult]) -> str:
+    """Dense memory attention: fot_kernels against SDPA over the concatenation, one row per point."""
+    body = []
+    for p in sorted(points, key=lambda p: (p.shape.mem_dtype != "float32", p.shape.len_q, p.shape.mem)):
+        t_fot = p.time("dense_attention", "fot_kernels")
+        if t_fot is None or not any(p.time("dense_attention", s) for s in SDPA):
+            continue
+        row = [p.shape.len_q, p.shape.mem, p.shape.mem_dtype, f"{t_fot * 1e3:.1f}"]
+        for provider in SDPA:
+            t = p.time("dense_attention", provider)
+            row += ["" if t is None else f"{t * 1e3:.1f}", ratio_text(p, "dense_attention", provider)]
+        ratio = time_ratio(p, "dense_attention", "sdpa_concat")
+        row.append("" if ratio is None else "met" if ratio <= SDPA_GOAL else "NOT MET")
+        body.append(row)
+    if not body:
+        return ""
+    headers = ("Lq", "M", "memory", "fot_kernels ms", "sdpa_concat ms", "fot/sdpa_concat", "sdpa_call_only ms",
+               "fot/sdpa_call_only", f"fot/sdpa_concat <= {SDPA_GOAL}")  # fmt: skip
+    s = points[0].shape
+    title = (f"\ndense memory attention (topk=None, local causal Lk=Lq) vs SDPA over cat([memory, local]) with a "
+             f"bool mask; B=1 Hq={s.q_heads} Hkv={s.kv_heads} D={s.dim}, query fp32\n")  # fmt: skip
+    return title + C.format_table(headers, body)
+
+
+def csv_rows(points: list[PointResult], info: dict, mode: str) -> list[dict]:
     rows = []
     for point in points:
         cfg, flops = point.shape.config(), point.shape.score_flops
         for (op, provider), r in point.results.items():
             t = r.time
-            check = point.status.get(op, "") if provider == "fot_kernels" else ""
-            common = dict(kernel=op, provider=provider, mode="forward", x_name="M", x_value=point.shape.mem,
-                          samples=t.samples, check=check)  # fmt: skip
+            common = dict(kernel=op, provider=provider, mode=C.MODES[mode], x_name="M", x_value=point.shape.mem,
+                          samples=t.samples, check=point.status.get((op, provider), ""))  # fmt: skip
             rows.append(C.csv_row(info, cfg, metric="time", unit="ms", median=t.median * 1e3, p20=t.p20 * 1e3,
                                   p80=t.p80 * 1e3, **common))  # fmt: skip
             rows.append(C.csv_row(info, cfg, metric="throughput", unit="GFLOP/s (2*B*Hq*Lq*M*D / time)",
@@ -614,106 +712,36 @@ def csv_rows(points: list[PointResult], info: dict) -> list[dict]:
             if ratio is not None:
                 rows.append(C.csv_row(info, cfg, metric=f"time_ratio_vs_{provider}", unit="fot_time/provider_time",
                                       median=ratio, p20=ratio, p80=ratio,
-                                      **{**common, "provider": "fot_kernels"}))  # fmt: skip
+                                      **{**common, "provider": "fot_kernels",
+                                         "check": point.status.get((op, "fot_kernels"), "")}))  # fmt: skip
     return rows
 
 
 def plot(points: list[PointResult], path: Path, info: dict) -> None:
-    """One panel per (op, Lq): rows are ops, columns query lengths; low-precision memory dashed."""
+    """One panel per (op, Lq): rows are ops, columns query lengths; low-precision memory dashed.
+    Then, where SDPA ran, a panel of the fot_kernels / SDPA time ratio of dense attention."""
     lqs = sorted({p.shape.len_q for p in points})
     panels: dict[str, dict[str, list]] = {f"{op}  Lq={lq}": {} for op in OPS for lq in lqs}
+    ratio_panel = "dense_attention: fot_kernels time / SDPA time"
+    panels[ratio_panel] = {}
     for point in points:
         s = point.shape
+        variant = "" if s.mem_dtype == "float32" else f" [{s.mem_dtype} memory]"
         for (op, provider), r in point.results.items():
-            series = provider + ("" if s.mem_dtype == "float32" else f" [{s.mem_dtype} memory]")
-            ok = not (provider == "fot_kernels" and point.status.get(op, "").startswith("FAIL"))
-            panels[f"{op}  Lq={s.len_q}"].setdefault(series, []).append((s.mem, r.time.median * 1e3, ok))
+            ok = not point.status.get((op, provider), "").startswith("FAIL")
+            panels[f"{op}  Lq={s.len_q}"].setdefault(provider + variant, []).append((s.mem, r.time.median * 1e3, ok))
+        for provider in SDPA:
+            ratio = time_ratio(point, "dense_attention", provider)
+            if ratio is not None:
+                panels[ratio_panel].setdefault(f"vs {provider} Lq={s.len_q}{variant}", []).append((s.mem, ratio, True))
     s = points[0].shape
     title = (f"fot-kernels CPU benchmark: B=1 Hq={s.q_heads} Hkv={s.kv_heads} D={s.dim} k={s.k}, fp32 query\n"
              f"{info['device']}, {info['timestamp']}, threads {info['threads']}, "
              f"commit {info['git_commit'][:12]}")  # fmt: skip
     panels = {name: series for name, series in panels.items() if series}
-    C.plot_panels(panels, path, xlabel="memory slots M", ylabel="median time (ms)", title=title, ncols=len(lqs))
-
-
-def targets_report(points: list[PointResult], ref: ReferenceModel | None) -> str:
-    """Issue 2's performance targets, evaluated at the measured points."""
-    lines = ["\nTargets (issue 2), at the measured points; ratios only where fot_kernels passed its check:"]
-    fp32 = [p for p in points if p.shape.mem_dtype == "float32" and (p.shape.q_heads, p.shape.kv_heads,
-            p.shape.dim, p.shape.k) == (8, 8, 128, 32)]  # fmt: skip
-    lines += _knn_target(fp32, 1024, "time <= 1.2 x faiss search alone", lambda r: r <= 1.2, "{:.2f}x faiss")
-    lines += _knn_target(fp32, 256, ">= 3x faster than faiss search alone", lambda r: 1 / r >= 3,
-                         "{:.2f}x faster", invert=True)  # fmt: skip
-    lines += _memory_target(points, ref)
-    lines += _dense_target(points)
-    return "\n".join(lines)
-
-
-def _ok(point: PointResult, op: str) -> bool:
-    return point.status.get(op) == "ok"
-
-
-def _knn_target(points, len_q: int, goal: str, met, fmt: str, invert: bool = False) -> list[str]:
-    head = f"- kNN memory attention, B=1 Hq=Hkv=8 D=128 k=32 fp32, Lq={len_q}, M=65536: {goal}"
-    found = []
-    for p in sorted((p for p in points if p.shape.len_q == len_q), key=lambda p: p.shape.mem):
-        t_fot, t_faiss = p.time("knn_attention", "fot_kernels"), p.time("knn_attention", "faiss_search_only")
-        if t_fot is None or t_faiss is None:
-            continue
-        if not _ok(p, "knn_attention"):
-            found.append((p.shape.mem, f"M={p.shape.mem}: {_status_word(p, 'knn_attention')} (check), not reported",
-                          False))  # fmt: skip
-            continue
-        r = t_fot / t_faiss
-        found.append((p.shape.mem, f"M={p.shape.mem}: " + fmt.format(1 / r if invert else r), met(r)))
-    main = [f for f in found if f[0] == 65536]
-    verdict = ("MET" if main[0][2] else "NOT MET") if main else "NOT MEASURED at M=65536"
-    return [head, f"    {verdict}.  " + "; ".join(f"{text}{' (met)' if ok else ''}" for _, text, ok in found)]
-
-
-def _memory_target(points: list[PointResult], ref: ReferenceModel | None) -> list[str]:
-    points = [p for p in points if p.shape.mem_dtype == "float32"]
-    if not points:
-        return []
-    mem_max = max(p.shape.mem for p in points)
-    lines = [f"- peak extra memory of kNN memory attention <= 1/10 of the reference's, at M=1048576 "
-             f"(largest M measured here: {mem_max})"]  # fmt: skip
-    for p in (p for p in points if p.shape.mem == mem_max):
-        r = p.results.get(("knn_attention", "fot_kernels"))
-        if r is None or r.peak_bytes is None:
-            continue
-        measured = p.results.get(("knn_attention", "reference"))
-        floor = 4 * p.shape.score_entries  # the fp32 score matrix alone
-        if measured and measured.peak_bytes is not None:
-            basis, how = measured.peak_bytes, "reference measured at this shape"
-        else:
-            basis, per_score = floor, ref.bytes_per_entry["knn_attention"] if ref else None
-            est = (f"; calibrated estimate ~{C.human_bytes(per_score * p.shape.score_entries)} "
-                   f"({per_score:.1f} B per score, at {ref.calibrated_at})") if ref else ""  # fmt: skip
-            how = f"reference not run; lower bound = its fp32 score matrix 4*B*Hq*Lq*M{est}"
-        verdict = "MET" if r.peak_bytes * 10 <= basis else "NOT MET"
-        verdict = verdict if _ok(p, "knn_attention") else f"{_status_word(p, 'knn_attention')} (check), not reported"
-        lines.append(f"    Lq={p.shape.len_q}: {verdict}. fot_kernels {C.human_bytes(r.peak_bytes)} "
-                     f"vs reference >= {C.human_bytes(basis)} ({how})")  # fmt: skip
-    return lines
-
-
-def _dense_target(points: list[PointResult]) -> list[str]:
-    vals = []
-    for p in points:
-        t_fot, t_mm = p.time("dense_attention", "fot_kernels"), p.time("dense_attention", "torch_qk")
-        if t_fot is None or t_mm is None:
-            continue
-        where = f"Lq={p.shape.len_q} M={p.shape.mem} {p.shape.mem_dtype}"
-        if _ok(p, "dense_attention"):
-            vals.append((t_fot / t_mm, f"{where}: {t_fot / t_mm:.2f}x"))
-        else:
-            vals.append((math.inf, f"{where}: {_status_word(p, 'dense_attention')} (check)"))
-    if not vals:
-        return ["- dense memory attention within 1.3x of the score product alone (torch q@K^T): NOT MEASURED"]
-    met = sum(v <= 1.3 for v, _ in vals)
-    return ["- dense memory attention within 1.3x of the score product alone (torch q@K^T, MKL)",
-            f"    met at {met}/{len(vals)} points.  " + "; ".join(t for _, t in vals)]  # fmt: skip
+    C.plot_panels(panels, path, xlabel="memory slots M", ylabel="median time (ms)", title=title, ncols=len(lqs),
+                  ylabels={ratio_panel: "fot_kernels / SDPA (median times)"},
+                  hlines={ratio_panel: (SDPA_GOAL, f"goal <= {SDPA_GOAL} (vs sdpa_concat)")})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,15 +750,10 @@ def _dense_target(points: list[PointResult]) -> list[str]:
 
 
 DEFAULTS = dict(m=[16384, 65536, 262144, 1048576], lq=[256, 1024], max_lq_m=2**28, repeats=5, max_seconds=8.0,
-                bf16_at="1024,65536", ref_max_seconds=15.0)  # fmt: skip
+                bf16_at="1024,65536", ref_max_seconds=15.0, ops=list(OPS), providers=list(PROVIDERS),
+                interleave=False)  # fmt: skip
 QUICK = dict(m=[8192, 32768], lq=[256, 1024], max_lq_m=2**23, repeats=3, max_seconds=2.0, bf16_at="256,32768",
              ref_max_seconds=4.0)  # fmt: skip
-
-
-def size(text: str) -> int:
-    """'64k' -> 65536, '1M' -> 1048576, '1000' -> 1000."""
-    mult = {"k": 2**10, "m": 2**20}.get(text[-1].lower(), 1)
-    return int(float(text[:-1] if mult > 1 else text) * mult)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -741,41 +764,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "Default grid: M in {16k, 64k, 256k, 1M} x Lq in {256, 1024}, minus the points with\n"
             "Lq*M > --max-lq-m (2^28: so M=1M only at Lq=256), plus one bf16-memory point at Lq=1024,\n"
             "M=64k; B=1, Hq=Hkv=8, D=128, k=32.\n"
-            "Estimated 7-8 minutes on a quiet 2-core machine (the M=1M point ~2 minutes; it needs ~14 GiB\n"
-            "of RAM: 8 GiB of fp32 memory keys/values + faiss's 4 GiB copy); several times longer while\n"
-            "other jobs load the CPU. --quick: M in {8k, 32k}, Lq in {256, 1024} with Lq*M <= 2^23,\n"
-            "3 repeats, bf16 point at Lq=256, M=32k: about 1 minute."
+            "Estimated 10 minutes on a quiet 2-core machine (the M=1M point several minutes; it needs\n"
+            "~14 GiB of RAM: 8 GiB of fp32 memory keys/values + faiss's 4 GiB copy, and the SDPA\n"
+            "baselines another 8 GiB for their concatenation, skipped where that does not fit); several\n"
+            "times longer while other jobs load the CPU. --quick: M in {8k, 32k}, Lq in {256, 1024} with\n"
+            "Lq*M <= 2^23, 3 repeats, bf16 point at Lq=256, M=32k: 1-2 minutes.\n"
+            "--only dense-vs-sdpa: dense memory attention, fot_kernels vs sdpa_concat and sdpa_call_only,\n"
+            "M in {16k, 64k} x Lq in {256, 1024}, fp32, interleaved: 1-3 minutes.\n"
+            "Options given explicitly win over --quick and --only."
         ),
     )
-    ap.add_argument("--m", nargs="+", type=size, help="memory sizes M (suffix k/M allowed)")
+    ap.add_argument("--m", nargs="+", type=C.parse_size, help="memory sizes M (suffix k/M allowed)")
     ap.add_argument("--lq", nargs="+", type=int, help="query lengths Lq (local causal context Lk = Lq)")
     ap.add_argument("--heads", type=int, default=8, help="query heads Hq (default 8)")
     ap.add_argument("--kv-heads", type=int, help="key/value heads Hkv (default: --heads)")
     ap.add_argument("--dim", type=int, default=128, help="head dim D (default 128)")
     ap.add_argument("--k", type=int, default=32, help="top-k of kNN mode (default 32)")
+    C.add_mode_argument(ap)
     ap.add_argument("--repeats", type=int, help="timed calls per measurement (default 5; quick 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1; the first one is checked)")
+    ap.add_argument("--interleave", action="store_true", default=None,
+                    help="time a point's providers in alternation, one call of each per round, so that a changing "
+                         "machine load weighs on all alike (default with --only dense-vs-sdpa; the setups of all "
+                         "providers, e.g. faiss indexes, are then alive together)")  # fmt: skip
     ap.add_argument("--max-seconds", type=float,
                     help="stop repeating after this much timed time, keeping >= 2 samples (default 8; "
                          "quick 2); a first call longer than a quarter of it counts as a sample, "
                          "not a warm-up")  # fmt: skip
-    ap.add_argument("--max-lq-m", type=size, help="skip points with Lq*M above this (default 2^28; 0: no limit)")
+    ap.add_argument("--max-lq-m", type=C.parse_size,
+                    help="skip points with Lq*M above this (default 2^28; 0: no limit)")  # fmt: skip
     ap.add_argument("--bf16-at", help="'LQ,M' of the extra bf16-memory point, or 'none'")
-    ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    ap.add_argument("--ops", nargs="+", choices=OPS, help="ops to run (default: all)")
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, help="providers to run (default: all)")
+    ap.add_argument("--only", choices=tuple(SUBSETS),
+                    help="a named subset: dense-vs-sdpa = --ops dense_attention --providers fot_kernels sdpa_concat "
+                         "sdpa_call_only --m 16k 64k --lq 256 1024 --bf16-at none --interleave --repeats 7 "
+                         "--max-seconds 12")  # fmt: skip
     ap.add_argument("--ref-max-gib", type=float, default=6.0, help="run the reference only below this peak (GiB)")
     ap.add_argument("--ref-max-seconds", type=float, help="... and this estimated time per call (default 15 s)")
+    ap.add_argument("--sdpa-max-gib", type=float,
+                    help="run the SDPA baselines only where their concatenation and mask take less (GiB; default: "
+                         "3/4 of the memory available at that point)")  # fmt: skip
     ap.add_argument("--chunk", type=int, default=4096, help="memory chunk of the plain chunked loop")
     ap.add_argument("--check-rows", type=int, default=32, help="query rows per head checked against float64")
     ap.add_argument("--threads", type=int, help="torch and faiss threads (numpy: set OPENBLAS_NUM_THREADS)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run on small shapes")
+    ap.add_argument("--quick", action="store_true", help="1-2 minute smoke run on small shapes")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    for name, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    for preset in (SUBSETS.get(args.only, {}), QUICK if args.quick else {}, DEFAULTS):
+        for name, value in preset.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     args.kv_heads = args.kv_heads or args.heads
     return args
 
@@ -790,7 +831,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Shape], list[str]]:
             else:
                 shapes.append(replace(base, len_q=lq, mem=m))
     if args.bf16_at and args.bf16_at.lower() != "none":
-        lq, m = (size(v) for v in args.bf16_at.split(","))
+        lq, m = (C.parse_size(v) for v in args.bf16_at.split(","))
         shapes.append(replace(base, len_q=lq, mem=m, mem_dtype="bfloat16"))
     return sorted(shapes, key=lambda s: (s.mem_dtype != "float32", s.mem, s.len_q)), skipped
 
@@ -827,22 +868,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_threads(args)
     shapes, skipped = plan(args)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else f"-{args.only}" if args.only else "")
     transcript: list[str] = []
 
     def log(text: str = "") -> None:
         print(text, flush=True)
         transcript.append(text)
 
-    from fot_kernels.backends import cpu
-
     t_start = time.perf_counter()
-    ext = cpu.extension_status()  # builds the C++ kernels on first use, before any timing
+    kernels = C.cpu_kernels_status()  # builds the C++ kernels on first use, before any timing
     info = C.machine_info(threads_text())
     log(f"fot-kernels {info['version']} ({info['git_commit']}), torch {info['torch_version']}, numpy "
         f"{info['numpy_version']}, faiss {info['faiss_version']}\n{info['device']}, threads {info['threads']}\n"
-        f"CPU kernels: {'C++ extension' if ext is None else 'PyTorch fallback: ' + ext}\n"
-        f"{faiss_settings()}")  # fmt: skip
+        f"CPU kernels: {kernels}; mode {args.mode}\n{faiss_settings()}")  # fmt: skip
     for text in skipped:
         log(f"skipping {text}")
     ref = None
@@ -854,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"reference cost per score entry (one call each at {ref.calibrated_at}): " + ", ".join(costs))
     points = [run_point(shape, args, ref, log) for shape in shapes]
     log(tables(points))
-    log(targets_report(points, ref))
+    log(sdpa_table(points))
     log(f"\nGFLOP/s = 2*B*Hq*Lq*M*D / median time (the score product q @ K^T only, for every op); "
         f"fot/provider = fot_kernels time / provider time (< 1: fot_kernels faster).\n"
         f"Total wall time {time.perf_counter() - t_start:.0f} s.")  # fmt: skip
@@ -865,12 +903,12 @@ def main(argv: list[str] | None = None) -> int:
 def write_outputs(args, points, info, stamp, transcript, log) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path, txt_path = (args.out / f"bench_cpu_{stamp}.{ext}" for ext in ("csv", "png", "txt"))
-    C.write_csv(csv_path, csv_rows(points, info))
+    C.write_csv(csv_path, csv_rows(points, info, args.mode))
     written = [csv_path]
     if not args.no_plot:
         plot(points, png_path, info)
         written.append(png_path)
-    log("wrote " + ", ".join(str(p) for p in written + [txt_path]))
+    log("wrote " + ", ".join(str(p) for p in [*written, txt_path]))
     txt_path.write_text("\n".join(transcript) + "\n")
 
 

@@ -9,13 +9,19 @@ One run on one CUDA device, bf16, per point (D in --dim, Lq in --lq, M in --m, k
 - ``knn_attention`` (memory part, kNN mode): every GPU backend; ``torch_unfused`` (chunked scores,
   top-k, gather, softmax). TFLOP/s of the scoring product.
 - ``dense_attention`` (the released LongLLaMA mode: ``topk=None``, non-causal over
-  [local | memory]): every GPU backend; ``torch_longllama`` (fp32 logits per memory chunk, joint
-  softmax through a running log-sum-exp); ``sdpa_flash_concat`` (torch SDPA, flash backend, on the
-  concatenated keys, where they fit and D allows). TFLOP/s = 4 * B * Hq * Lq * (Lk + M) * D / t.
+  [local | memory]): every GPU backend; ``torch_longllama`` (the released LongLLaMA computation:
+  scores of a group of heads and queries over [local | memory] materialised, one softmax, grouped
+  to fit --score-gib); ``sdpa_concat`` (what a user writes today: torch SDPA over cat([memory,
+  local]), the concatenation made per call; torch picks the SDPA kernel, flash where it can) and
+  ``sdpa_call_only`` (the same SDPA call on a concatenation made outside the timing), where the
+  concatenation fits. TFLOP/s = 4 * B * Hq * Lq * (Lk + M) * D / t.
 - decode (Lq = 1): bandwidth of every backend (bytes of memory it must read once: the keys, plus
   the values in dense mode, / t) and ``bandwidth_ratio_to_copy`` rows against ``d2d_copy_keys``, a
   device-to-device copy of the keys measured in the same run ((read + written bytes) / t; goal
   >= 0.7).
+
+The PyTorch baselines are shared with the other benchmarks: benchmarks/baselines.py. --mode fwd
+(the only mode so far) times forward calls; bwd and fwdbwd are planned (_common.MODES).
 
 GPU backends: ``triton`` (``fot_kernels.backends.triton``) and ``cuda``
 (``fot_kernels.backends.cuda``, only when its extension is built: ``extension_status()`` is None;
@@ -44,7 +50,7 @@ fot_kernels' Triton kernels are imported), the cuda backend where its kernels se
 (the tests point it at tests/cuda_emu); the correctness gate uses smaller shapes (GATE_SHAPE);
 times are wall-clock medians of CPU_REPEATS calls (time.perf_counter) and peak memory is the growth
 of the resident set (``fot_kernels.testing.peak_memory``); ``cublas_bf16_matmul`` is torch.matmul
-on the CPU, ``d2d_copy_keys`` a host copy, and ``sdpa_flash_concat`` is skipped (it needs CUDA).
+on the CPU, ``d2d_copy_keys`` a host copy, and the SDPA baselines run torch's CPU SDPA kernel.
 The CSV's device column reads "CPU smoke run, not GPU timings: <CPU model>". Exit 2 does not apply.
 These numbers mean nothing; only the exit status, the gates and the files do.
 
@@ -57,7 +63,6 @@ These numbers mean nothing; only the exit status, the gates and the files do.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -65,12 +70,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
+import baselines as B
 
 #: the package's GPU backends, by provider name (modules imported lazily: fot_kernels.backends.load)
 BACKENDS = ("triton", "cuda")
 #: the baselines, by provider name
-BASELINES = ("cublas_bf16_matmul", "torch_unfused", "torch_longllama", "sdpa_flash_concat", "d2d_copy_keys")
+BASELINES = ("cublas_bf16_matmul", "torch_unfused", "torch_longllama", "sdpa_concat", "sdpa_call_only", "d2d_copy_keys")
 PROVIDERS = BACKENDS + BASELINES
 KERNELS = ("knn_topk", "knn_attention", "dense_attention")
 #: --device: "cuda" measures; "cpu" is the smoke mode (the whole code path on CPU tensors, no GPU numbers)
@@ -114,18 +120,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, help="query heads Hq (default 32; quick 8)")
     p.add_argument("--kv-heads", type=int, help="key/value heads Hkv (default: Hq)")
     p.add_argument("--local", type=int, help="local keys Lk of dense_attention (default: Lq)")
+    C.add_mode_argument(p)
     p.add_argument("--chunk", type=C.parse_size, default=C.parse_size("64k"),
-                   help="memory chunk of the unfused PyTorch baselines (default 64k; capped by --score-gib)")  # fmt: skip
+                   help="memory chunk of the unfused kNN baselines (default 64k; capped by --score-gib)")  # fmt: skip
     p.add_argument("--score-gib", type=float, default=4.0,
                    help="largest score block of one baseline chunk, GiB (fp32 for the unfused pipelines, the "
-                        "bf16 output for the cuBLAS matmul; default 4)")  # fmt: skip
+                        "bf16 output for the cuBLAS matmul, scores + values copy for a LongLLaMA group; "
+                        "default 4)")  # fmt: skip
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     p.add_argument("--providers", nargs="+", choices=PROVIDERS,
-                   help="providers to run (default: all; the cuda backend only where its extension is built)")  # fmt: skip
+                   help="providers to run (default: all; the cuda backend only where its extension is "
+                        "built)")  # fmt: skip
     p.add_argument("--max-gib", type=float,
                    help="skip points whose memory keys+values exceed this (default: 60%% of the GPU; cpu: of "
                         "the RAM)")  # fmt: skip
-    p.add_argument("--skip-check", action="store_true", help="skip the correctness gates (the CSV check column then says so)")
+    p.add_argument("--skip-check", action="store_true",
+                   help="skip the correctness gates (the CSV check column then says so)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few small points (smoke run)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -137,96 +147,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     return args
-
-
-# ------------------------------------------------------------------------------ PyTorch baselines
-# The query heads that share a kv head are stacked into one block of rows, [B, Hkv, G * Lq, D]
-# (query head h reads kv head h // G, as with repeat_interleave), so no baseline repeats the keys.
-
-
-def grouped(query, kv_heads: int):
-    """[B, Hq, Lq, D] -> [B, Hkv, G * Lq, D] (a view)."""
-    b, hq, lq, d = query.shape
-    return query.reshape(b, kv_heads, hq // kv_heads * lq, d)
-
-
-def ungrouped(x, q_heads: int, len_q: int):
-    """[B, Hkv, G * Lq, ...] -> [B, Hq, Lq, ...]."""
-    return x.reshape(x.shape[0], q_heads, len_q, *x.shape[3:])
-
-
-def chunk_for(rows: int, bytes_per_entry: int, budget: float, m: int, cap: int | None = None) -> int:
-    """Memory chunk whose [rows, chunk] score block takes at most ``budget`` bytes (>= 1024 slots,
-    a multiple of 1024 below M, at most ``cap``)."""
-    chunk = max(1024, int(budget // (rows * bytes_per_entry)) // 1024 * 1024)
-    return min(m, chunk if cap is None else min(chunk, cap))
-
-
-def cublas_matmul(query, mem_keys, chunk: int) -> None:
-    """The scoring product q @ K^T alone, chunked over M. Each chunk's output is dropped before the
-    next is computed, so one chunk's output is alive at a time (the result is not needed)."""
-    import torch
-
-    qg = grouped(query, mem_keys.shape[1])
-    for start in range(0, mem_keys.shape[2], chunk):
-        torch.matmul(qg, mem_keys[:, :, start : start + chunk].transpose(-1, -2))
-
-
-def unfused_knn_topk(query, mem_keys, k: int, chunk: int):
-    """cuBLAS bf16 scores per memory chunk (never Lq x M), torch.topk, running merge with the best
-    k so far; one chunk's scores alive at a time."""
-    import torch
-
-    b, hq, lq, _ = query.shape
-    qg = grouped(query, mem_keys.shape[1])
-    best_s = best_i = None
-    for start in range(0, mem_keys.shape[2], chunk):
-        scores = (qg @ mem_keys[:, :, start : start + chunk].transpose(-1, -2)).float()  # [B, Hkv, G*Lq, chunk]
-        s, i = scores.topk(min(k, scores.shape[-1]), dim=-1)
-        del scores
-        i = i + start
-        if best_s is not None:
-            s, j = torch.cat([best_s, s], -1).topk(min(k, best_s.shape[-1] + s.shape[-1]), dim=-1)
-            i = torch.cat([best_i, i], -1).gather(-1, j)
-        best_s, best_i = s, i
-    return ungrouped(best_s, hq, lq), ungrouped(best_i, hq, lq)
-
-
-def unfused_knn_attention(query, mem_keys, mem_values, k: int, chunk: int, scale: float):
-    """Unfused kNN memory attention: the chunked top-k above, gather of the selected values,
-    softmax over the k scores, weighted sum."""
-    import torch
-
-    scores, idx = unfused_knn_topk(query, mem_keys, k, chunk)  # [B, Hq, Lq, k]
-    b, hq, lq, kk = idx.shape
-    d = mem_values.shape[-1]
-    flat = idx.reshape(b, mem_values.shape[1], -1)  # [B, Hkv, G*Lq*k]: head h's rows lie under kv head h // G
-    vals = torch.gather(mem_values, 2, flat[..., None].expand(-1, -1, -1, d)).reshape(b, hq, lq, kk, d)
-    p = torch.softmax(scores * scale, dim=-1)
-    return (p[..., None, :] @ vals.float()).squeeze(-2).to(query.dtype)
-
-
-def longllama_dense(query, key, value, mem_keys, mem_values, chunk: int, scale: float):
-    """The released LongLLaMA-style dense memory attention: fp32 logits per part ([local], then
-    memory chunks), one joint softmax over [local | memory] through a running log-sum-exp
-    (non-causal local part); one part's logits alive at a time."""
-    import torch
-
-    b, hq, lq, d = query.shape
-    qg = grouped(query, key.shape[1])
-    out = torch.zeros(qg.shape, dtype=torch.float32, device=query.device)
-    lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=query.device)
-    parts = itertools.chain([(key, value)], ((mem_keys[:, :, s : s + chunk], mem_values[:, :, s : s + chunk])
-                                             for s in range(0, mem_keys.shape[2], chunk)))  # fmt: skip
-    for k_part, v_part in parts:
-        logits = (qg @ k_part.transpose(-1, -2)).float() * scale
-        part_lse = logits.logsumexp(-1)
-        new = torch.logaddexp(lse, part_lse)
-        part_out = torch.softmax(logits, -1) @ v_part.float()
-        del logits
-        out = out * (lse - new).exp()[..., None] + part_out * (part_lse - new).exp()[..., None]
-        lse = new
-    return ungrouped(out, hq, lq).to(query.dtype)
 
 
 # ------------------------------------------------------------------------- device-dependent parts
@@ -244,6 +164,17 @@ def empty_cache(device: str) -> None:
 
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def free_memory(device: str) -> float:
+    """Bytes that can still be allocated: free GPU memory plus the caching allocator's unused
+    reserve, or the machine's available RAM."""
+    import torch
+
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return C.available_memory() or float("inf")
 
 
 def device_memory(device: str) -> int:
@@ -308,7 +239,7 @@ def correctness_gate(backend, device: str) -> tuple[int, list[str]]:
             s, i = backend.knn_topk(q, mk, 32, mem_lengths=None, mem_mask=None)
             synchronize(device)
             check_knn(s, i, q, mk, 32)
-        except Exception as exc:  # noqa: BLE001 - a crash is a failed check too
+        except Exception as exc:  # a crash is a failed check too
             failures.append(f"{tag} knn_topk k=32: {type(exc).__name__}: {exc}")
         for mode, key, value, topk, causal in (
             ("dense, causal local", k, v, None, True),
@@ -318,15 +249,15 @@ def correctness_gate(backend, device: str) -> tuple[int, list[str]]:
         ):
             cases += 1
             try:
-                out, lse = backend.memory_attention(q, key, value, mk, mv, topk=topk, causal=causal, softmax_scale=scale,
-                                                    mem_lengths=None, mem_mask=None)  # fmt: skip
+                out, lse = backend.memory_attention(q, key, value, mk, mv, topk=topk, causal=causal,
+                                                    softmax_scale=scale, mem_lengths=None, mem_mask=None)  # fmt: skip
                 synchronize(device)
                 kw = dict(topk=topk, causal=causal, softmax_scale=scale)
                 hi = R.memory_attention(q.double(), dbl(key), dbl(value), mk.double(), mv.double(), **kw)
                 lo = R.memory_attention(q, key, value, mk, mv, **kw)
                 assert_close_to_reference(out, hi[0], lo[0], name=f"{tag} memory_attention {mode}: out")
                 assert_close_to_reference(lse, hi[1], lo[1].float(), name=f"{tag} memory_attention {mode}: lse")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # likewise
                 failures.append(f"{tag} memory_attention {mode}: {type(exc).__name__}: {exc}")
     return cases, failures
 
@@ -375,30 +306,31 @@ def bench(fn: Callable[[], object], device: str, time_fn: Timer) -> tuple[float,
 class Runner:
     """Times providers and collects CSV rows."""
 
-    def __init__(self, info: dict, checks: dict[str, str], backends: dict, max_bytes: float, device: str):
+    def __init__(self, info: dict, checks: dict[str, str], backends: dict, max_bytes: float, device: str, mode: str):
         self.info, self.checks, self.backends = info, checks, backends
-        self.device, self.time_fn = device, timer(device)
+        self.device, self.time_fn, self.mode = device, timer(device), mode
         self.max_bytes = max_bytes  # memory budget of a point's inputs
         self.rows: list[dict] = []
         self.errors: list[str] = []  # backends that raised while timed
 
     def row(self, kernel: str, provider: str, cfg: dict, metric: str, unit: str, med: float, p20: float, p80: float):
-        self.rows.append(C.csv_row(self.info, cfg, kernel=kernel, provider=provider, mode="forward", metric=metric,
-                                   unit=unit, x_name="M", x_value=cfg["M"], median=med, p20=p20, p80=p80,
-                                   check=self.checks.get(provider, "")))  # fmt: skip
+        self.rows.append(C.csv_row(self.info, cfg, kernel=kernel, provider=provider, mode=C.MODES[self.mode],
+                                   metric=metric, unit=unit, x_name="M", x_value=cfg["M"], median=med, p20=p20,
+                                   p80=p80, check=self.checks.get(provider, "")))  # fmt: skip
 
     def run(self, kernel: str, provider: str, fn: Callable[[], object], cfg: dict, *, flops=None, nbytes=None):
         """Time fn; rows: time (ms), peak_memory (MiB), throughput (TFLOP/s) when flops is given,
         bandwidth (GB/s) when nbytes is given. Returns the median ms, or None if it failed."""
         import torch
 
-        label = f"  {kernel:15} {provider:19} {', '.join(f'{k}={v}' for k, v in cfg.items() if k in ('k', 'chunk'))}"
+        shown = ("k", "chunk", "head_chunk", "query_chunk")
+        label = f"  {kernel:15} {provider:19} {', '.join(f'{k}={v}' for k, v in cfg.items() if k in shown)}"
         failure = None
         try:
-            med, p20, p80, peak = bench(fn, self.device, self.time_fn)
+            med, p20, p80, peak = bench(C.timed_fn(self.mode, fn), self.device, self.time_fn)
         except torch.cuda.OutOfMemoryError:
             failure = "out of memory"
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other providers
+        except Exception as exc:  # report and go on with the other providers
             first = str(exc).splitlines()[0] if str(exc) else ""
             failure = f"FAILED {kernel} {provider} at {cfg}: {type(exc).__name__}: {first}"
             if provider in self.backends:
@@ -411,10 +343,12 @@ class Runner:
         self.row(kernel, provider, cfg, "peak_memory", "MiB", peak / 2**20, peak / 2**20, peak / 2**20)
         line = f"{label}: {med:9.3f} ms  peak {peak / 2**20:9.1f} MiB"
         if flops:
-            self.row(kernel, provider, cfg, "throughput", "TFLOP/s", flops / med / 1e9, flops / p80 / 1e9, flops / p20 / 1e9)
+            self.row(kernel, provider, cfg, "throughput", "TFLOP/s", flops / med / 1e9, flops / p80 / 1e9,
+                     flops / p20 / 1e9)  # fmt: skip
             line += f"  {flops / med / 1e9:7.1f} TFLOP/s"
         if nbytes:
-            self.row(kernel, provider, cfg, "bandwidth", "GB/s", nbytes / med / 1e6, nbytes / p80 / 1e6, nbytes / p20 / 1e6)
+            self.row(kernel, provider, cfg, "bandwidth", "GB/s", nbytes / med / 1e6, nbytes / p80 / 1e6,
+                     nbytes / p20 / 1e6)  # fmt: skip
             line += f"  {nbytes / med / 1e6:7.0f} GB/s"
         print(line, flush=True)
         return med
@@ -428,21 +362,21 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
     """Every selected (kernel, provider) at one shape. The tensors die when this returns."""
     import torch
 
-    B, Hq, Hkv, dtype, device = args.batch, args.heads, args.kv_heads, torch.bfloat16, r.device
+    batch, hq, hkv, dtype, device = args.batch, args.heads, args.kv_heads, torch.bfloat16, r.device
     lk = args.local or lq
     torch.manual_seed(0)
-    q = torch.randn(B, Hq, lq, d, device=device, dtype=dtype)
-    mk = torch.randn(B, Hkv, m, d, device=device, dtype=dtype)
-    mv = torch.randn(B, Hkv, m, d, device=device, dtype=dtype)
-    kl = torch.randn(B, Hkv, lk, d, device=device, dtype=dtype)
+    q = torch.randn(batch, hq, lq, d, device=device, dtype=dtype)
+    mk = torch.randn(batch, hkv, m, d, device=device, dtype=dtype)
+    mv = torch.randn(batch, hkv, m, d, device=device, dtype=dtype)
+    kl = torch.randn(batch, hkv, lk, d, device=device, dtype=dtype)
     vl = torch.randn_like(kl)
     scale = d**-0.5
-    score_flops = 2 * B * Hq * lq * m * d
+    score_flops = 2 * batch * hq * lq * m * d
     key_bytes = mk.numel() * mk.element_size()
-    rows = B * Hq * lq  # score rows of one memory slot
+    rows = batch * hq * lq  # score rows of one memory slot
     budget = args.score_gib * 2**30
-    unfused_chunk = chunk_for(rows, 4, budget, m, cap=args.chunk)
-    base = dict(B=B, Hq=Hq, Hkv=Hkv, Lq=lq, M=m, D=d, dtype="bf16")
+    unfused_chunk = B.chunk_for(rows, 4, budget, m, cap=args.chunk)
+    base = dict(B=batch, Hq=hq, Hkv=hkv, Lq=lq, M=m, D=d, dtype="bf16")
     decode = lq == 1
     table = r.backends
 
@@ -470,21 +404,22 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
     if "knn_topk" in args.kernels:
         t_mm = None
         if "cublas_bf16_matmul" in selected:
-            mm_chunk = chunk_for(rows, 2, budget, m)
-            t_mm = r.run("knn_topk", "cublas_bf16_matmul", lambda: cublas_matmul(q, mk, mm_chunk),
+            mm_chunk = B.chunk_for(rows, 2, budget, m)
+            t_mm = r.run("knn_topk", "cublas_bf16_matmul", lambda: B.score_product(q, mk, mm_chunk),
                          {**base, "chunk": mm_chunk}, flops=score_flops)  # fmt: skip
         for k in args.k:
             cfg = {**base, "k": k}
             for name, mod in table.items():
                 if not served("knn_topk", name, mod, topk=k):
                     continue
-                t = r.run("knn_topk", name, lambda mod=mod, k=k: mod.knn_topk(q, mk, k, mem_lengths=None, mem_mask=None),
+                t = r.run("knn_topk", name,
+                          lambda mod=mod, k=k: mod.knn_topk(q, mk, k, mem_lengths=None, mem_mask=None),
                           cfg, flops=score_flops, nbytes=key_bytes if decode else None)  # fmt: skip
                 if t and t_mm:
                     r.ratio("knn_topk", name, cfg, "ratio_to_cublas", "cublas_time/time", t_mm / t)
                 versus_copy("knn_topk", name, cfg, t, key_bytes)
             if "torch_unfused" in selected:
-                r.run("knn_topk", "torch_unfused", lambda k=k: unfused_knn_topk(q, mk, k, unfused_chunk),
+                r.run("knn_topk", "torch_unfused", lambda k=k: B.chunked_topk(q, mk, k, unfused_chunk),
                       {**cfg, "chunk": unfused_chunk}, flops=score_flops)  # fmt: skip
 
     if "knn_attention" in args.kernels:
@@ -495,51 +430,48 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
                     continue
                 t = r.run("knn_attention", name,
                           lambda mod=mod, k=k: mod.memory_attention(q, None, None, mk, mv, topk=k, causal=False,
-                                                                    softmax_scale=scale, mem_lengths=None, mem_mask=None),
+                                                                    softmax_scale=scale, mem_lengths=None,
+                                                                    mem_mask=None),
                           cfg, flops=score_flops, nbytes=key_bytes if decode else None)  # fmt: skip
                 versus_copy("knn_attention", name, cfg, t, key_bytes)
             if "torch_unfused" in selected:
-                r.run("knn_attention", "torch_unfused", lambda k=k: unfused_knn_attention(q, mk, mv, k, unfused_chunk, scale),
-                      {**cfg, "chunk": unfused_chunk}, flops=score_flops)  # fmt: skip
+                def unfused(k=k):
+                    scores, idx = B.chunked_topk(q, mk, k, unfused_chunk)
+                    return B.attend_selected(q, None, None, mv, scores, idx, scale=scale)
+
+                r.run("knn_attention", "torch_unfused", unfused, {**cfg, "chunk": unfused_chunk}, flops=score_flops)
 
     if "dense_attention" in args.kernels:
-        attn_flops = 4 * B * Hq * lq * (lk + m) * d
+        attn_flops = 4 * batch * hq * lq * (lk + m) * d
         cfg = {**base, "Lk": lk, "causal": False}
         for name, mod in table.items():
             if not served("dense_attention", name, mod, key=kl, value=vl, mem_values=mv):
                 continue
             t = r.run("dense_attention", name,
-                      lambda mod=mod: mod.memory_attention(q, kl, vl, mk, mv, topk=None, causal=False, softmax_scale=scale,
-                                                           mem_lengths=None, mem_mask=None),
+                      lambda mod=mod: mod.memory_attention(q, kl, vl, mk, mv, topk=None, causal=False,
+                                                           softmax_scale=scale, mem_lengths=None, mem_mask=None),
                       cfg, flops=attn_flops, nbytes=2 * key_bytes if decode else None)  # fmt: skip
             versus_copy("dense_attention", name, cfg, t, 2 * key_bytes)
         if "torch_longllama" in selected:
-            ll_chunk = chunk_for(rows, 4, budget, m, cap=args.chunk)
-            r.run("dense_attention", "torch_longllama", lambda: longllama_dense(q, kl, vl, mk, mv, ll_chunk, scale),
-                  {**cfg, "chunk": ll_chunk}, flops=attn_flops)  # fmt: skip
-        if "sdpa_flash_concat" in selected:
-            cat_bytes = 2 * B * Hq * (lk + m) * d * 2
-            if device != "cuda":
-                print(f"  dense_attention sdpa_flash_concat: skipped (the flash backend of SDPA needs a CUDA device, "
-                      f"not {device})")  # fmt: skip
-            elif d % 8 or d > 256:
-                print(f"  dense_attention sdpa_flash_concat: skipped (flash attention needs D % 8 == 0 and D <= 256, D={d})")
-            elif torch.cuda.memory_allocated() + cat_bytes > r.max_bytes:
-                print(f"  dense_attention sdpa_flash_concat: skipped (concatenated keys/values {cat_bytes / 2**30:.1f} GiB "
-                      f"over the budget)")  # fmt: skip
-            else:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                group = Hq // Hkv
-                kc = torch.cat([mk, kl], 2).repeat_interleave(group, 1)
-                vc = torch.cat([mv, vl], 2).repeat_interleave(group, 1)
-
-                def sdpa():
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, scale=scale)
-
-                r.run("dense_attention", "sdpa_flash_concat", sdpa, cfg, flops=attn_flops)
-                del kc, vc
+            hc, qc = B.longllama_grouping(batch, hq, lq, lk + m, d, q.element_size(), budget)
+            r.run("dense_attention", "torch_longllama",
+                  lambda: B.longllama_attention(q, kl, vl, mk, mv, scale=scale, causal=False, head_chunk=hc,
+                                                query_chunk=qc),
+                  {**cfg, "head_chunk": hc, "query_chunk": qc}, flops=attn_flops)  # fmt: skip
+        sdpa = [p for p in ("sdpa_concat", "sdpa_call_only") if p in selected]
+        need = B.sdpa_concat_bytes(q, lk, m, hkv)
+        if sdpa and need > 0.9 * free_memory(device):
+            print(f"  dense_attention {', '.join(sdpa)}: skipped (concatenated keys/values ~{need / 2**30:.1f} GiB "
+                  f"> 90% of the free memory)")  # fmt: skip
+        elif sdpa:
+            if "sdpa_concat" in selected:
+                r.run("dense_attention", "sdpa_concat",
+                      lambda: B.sdpa_concat(q, kl, vl, mk, mv, causal=False, scale=scale), cfg, flops=attn_flops)
+            if "sdpa_call_only" in selected:
+                kc, vc, mask = B.sdpa_concat_inputs(q, kl, vl, mk, mv, causal=False)
+                r.run("dense_attention", "sdpa_call_only", lambda: B.sdpa(q, kc, vc, mask, scale=scale), cfg,
+                      flops=attn_flops)  # fmt: skip
+                del kc, vc, mask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -554,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
               "nothing measured (--device cpu: a smoke run on the CPU).", file=sys.stderr)  # fmt: skip
         return 2
     if device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        print("bench_gpu.py: unset TRITON_INTERPRET (the interpreter would be timed, not the compiled kernels)", file=sys.stderr)
+        print("bench_gpu.py: unset TRITON_INTERPRET (the interpreter would be timed, not the compiled kernels)",
+              file=sys.stderr)  # fmt: skip
         return 2
     try:
         import triton
@@ -598,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             triton_version += " (interpreter)"
     info.update(faiss_version="", triton_version=triton_version)
     total = device_memory(device)
-    runner = Runner(info, checks, table, args.max_gib * 2**30 if args.max_gib else 0.6 * total, device)
+    runner = Runner(info, checks, table, args.max_gib * 2**30 if args.max_gib else 0.6 * total, device, args.mode)
     baselines = [b for b in BASELINES if b in selected]
     print(f"device {info['device']}, torch {torch.__version__}, CUDA {info['cuda_version'] or '-'}, "
           f"triton {info['triton_version']}, commit {info['git_commit']}")  # fmt: skip

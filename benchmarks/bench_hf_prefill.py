@@ -4,9 +4,10 @@ Side by side, on the same model, weights and input, through ``enable_memory``:
 
 - ``fot_kernels``: the memory layers run ``fot_kernels`` ops (dense memory, or kNN top-k);
 - ``longllama_torch``: the memory layers run LongLLaMA's released computation in plain PyTorch
-  (``LongLlamaAttention`` with ``mem_attention_grouping``): scores against local keys and the
-  whole memory materialised per chunk of queries, concatenated, one fp32 softmax. In kNN mode the
-  baseline selects the top-k from the materialised scores with ``torch.topk``.
+  (``LongLlamaAttention`` with ``mem_attention_grouping``; benchmarks/baselines.py): scores against
+  local keys and the whole memory materialised per chunk of queries, concatenated, one fp32
+  softmax. In kNN mode the baseline selects the top-k from the materialised scores with
+  ``torch.topk``.
 
 Everything else (windowing, non-memory layers, MLPs) is the same code, so the difference is the
 memory layers' attention; its time is also reported alone (``mem_attn``). Before any timing, the
@@ -19,7 +20,6 @@ providers' logits are compared on a short document, and a mismatch marks the row
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,49 +27,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import csv_row, format_table, human_bytes, machine_info, measure, write_csv  # noqa: E402
+from _common import csv_row, format_table, human_bytes, machine_info, measure, write_csv
+from baselines import longllama_attention as longllama
 
-from fot_kernels.integrations.transformers import enable_memory  # noqa: E402
+from fot_kernels.integrations.transformers import enable_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HEADERS = ["mode", "provider", "tok/s", "total s", "mem-layer attn s", "peak RSS growth", "check"]
 
 
-def longllama_attention(query, key, value, memory, *, key_padding_mask=None, topk=None, softmax_scale=None, backend=None, query_chunk=256):
-    """LongLLaMA's memory-layer attention (materialised scores, chunked over queries), same
-    signature as ``fot_kernels.nn.memory_layer_attention``."""
-    batch, heads, len_q, dim = query.shape
-    groups = heads // key.shape[1]
-    scale = 1.0 / math.sqrt(dim) if softmax_scale is None else softmax_scale
-    keys, values = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    len_k = keys.shape[2]
-    big = -1e6
-    allowed = torch.arange(len_k)[None, :] <= torch.arange(len_q)[:, None] + (len_k - len_q)
-    local_bias = torch.zeros(batch, 1, len_q, len_k, dtype=query.dtype).masked_fill(~allowed, big)
-    if key_padding_mask is not None:
-        local_bias = local_bias.masked_fill(~key_padding_mask[:, None, None, :], big)
-    mem_keys = mem_values = mem_bias = None
+def longllama_attention(query, key, value, memory, *, key_padding_mask=None, topk=None, softmax_scale=None,
+                        backend=None, query_chunk=256):  # fmt: skip
+    """LongLLaMA's memory-layer attention (baselines.longllama_attention: scores materialised per
+    chunk of queries), with the signature of ``fot_kernels.nn.memory_layer_attention``."""
+    mem_keys = mem_values = mem_valid = None
     if memory is not None and memory.num_slots > 0:
-        mem_keys = memory.keys.repeat_interleave(groups, 1)
-        mem_values = memory.values.repeat_interleave(groups, 1)
-        valid = torch.arange(memory.num_slots)[None, :] < memory.lengths[:, None]
+        mem_keys, mem_values = memory.keys, memory.values
+        mem_valid = torch.arange(memory.num_slots, device=query.device)[None, :] < memory.lengths[:, None]
         if memory.mask is not None:
-            valid = valid & memory.mask
-        mem_bias = torch.zeros(batch, 1, 1, memory.num_slots, dtype=query.dtype).masked_fill(~valid[:, None, None, :], big)
-    outs = []
-    for beg in range(0, len_q, query_chunk):
-        q = query[:, :, beg : beg + query_chunk]
-        w = torch.clamp_min(q @ keys.transpose(2, 3) * scale + local_bias[:, :, beg : beg + query_chunk], big)
-        v = values
-        if mem_keys is not None:
-            mw = torch.clamp_min(q @ mem_keys.transpose(2, 3).to(q.dtype) * scale + mem_bias, big)
-            if topk is not None and topk < mw.shape[-1]:
-                kth = mw.topk(topk, dim=-1).values[..., -1:]
-                mw = mw.masked_fill(mw < kth, big)
-            w = torch.cat([w, mw], dim=-1)
-            v = torch.cat([values, mem_values.to(values.dtype)], dim=-2)
-        probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-        outs.append(probs @ v)
-    return torch.cat(outs, dim=2)
+            mem_valid = mem_valid & memory.mask
+    return longllama(query, key, value, mem_keys, mem_values, scale=softmax_scale, local_valid=key_padding_mask,
+                     mem_valid=mem_valid, topk=topk, query_chunk=query_chunk)  # fmt: skip
 
 
 def build_model(args):
@@ -157,21 +135,26 @@ def main(argv=None) -> None:
             m = measure(run, repeats=args.repeats, warmup=0, budget_s=0.0, min_repeats=args.repeats)
             (mem_attn, slots), total = m.result, m.laps["total"].median
             results[provider] = (total, mem_attn)
-            config = {k: getattr(args, k) for k in ("tokens", "window", "last_context_length", "hidden", "heads", "layers", "mem_layers", "mem_dtype")}
+            keys = ("tokens", "window", "last_context_length", "hidden", "heads", "layers", "mem_layers", "mem_dtype")
+            config = {k: getattr(args, k) for k in keys}
             config.update(mode=mode, topk=topk, memory_slots=slots)
-            common = dict(kernel="hf_prefill", provider=provider, mode=mode, x_name="tokens", x_value=args.tokens, check=check, samples=m.laps["total"].samples)
+            st = m.laps["total"]
+            common = dict(kernel="hf_prefill", provider=provider, mode=mode, x_name="tokens", x_value=args.tokens,
+                          check=check, samples=st.samples)  # fmt: skip
             rows.append(csv_row(info, config, metric="tokens_per_s", unit="tok/s", median=args.tokens / total,
-                                p20=args.tokens / m.laps["total"].p80, p80=args.tokens / m.laps["total"].p20, **common))  # fmt: skip
-            rows.append(csv_row(info, config, metric="time", unit="s", median=total, p20=m.laps["total"].p20, p80=m.laps["total"].p80, **common))
+                                p20=args.tokens / st.p80, p80=args.tokens / st.p20, **common))  # fmt: skip
+            rows.append(csv_row(info, config, metric="time", unit="s", median=total, p20=st.p20, p80=st.p80, **common))
             rows.append(csv_row(info, config, metric="mem_attn_time", unit="s", median=mem_attn, **common))
             rows.append(csv_row(info, config, metric="peak_rss_growth", unit="B", median=m.peak_bytes, **common))
-            table.append([mode, provider, f"{args.tokens / total:,.0f}", f"{total:.1f}", f"{mem_attn:.1f}", human_bytes(m.peak_bytes), check])
-            print(format_table(["mode", "provider", "tok/s", "total s", "mem-layer attn s", "peak RSS growth", "check"], table[-1:]))
+            table.append([mode, provider, f"{args.tokens / total:,.0f}", f"{total:.1f}", f"{mem_attn:.1f}",
+                          human_bytes(m.peak_bytes), check])  # fmt: skip
+            print(format_table(HEADERS, table[-1:]))
         if {"fot_kernels", "longllama_torch"} <= set(results) and check == "ok":
             (t_ours, a_ours), (t_base, a_base) = results["fot_kernels"], results["longllama_torch"]
-            table.append([mode, "speedup", f"x{t_base / t_ours:.2f} total", "", f"x{a_base / a_ours:.2f} mem attn", "", ""])
+            table.append([mode, "speedup", f"x{t_base / t_ours:.2f} total", "", f"x{a_base / a_ours:.2f} mem attn",
+                          "", ""])  # fmt: skip
     print()
-    print(format_table(["mode", "provider", "tok/s", "total s", "mem-layer attn s", "peak RSS growth", "check"], table))
+    print(format_table(HEADERS, table))
     write_csv(args.csv, rows)
     print(f"\nwrote {args.csv}")
 

@@ -2,8 +2,10 @@
 discovery, correctness gates, every kernel and baseline, decode bandwidth rows, CSV, plots, exit
 status) runs with ``--device cpu`` on tiny shapes, the triton backend in the Triton interpreter and
 the cuda backend on csrc/cuda's kernels built for the CPU emulator (tests/cuda_emu). A GPU is lent
-to this project rarely; a crash in the script there would waste it. The baselines' results are
-checked against the reference here too (the benchmark only gates the package's backends)."""
+to this project rarely; a crash in the script there would waste it. The shared baselines of every
+benchmark (benchmarks/baselines.py) are checked against the reference here too (the benchmarks only
+gate the package's backends), and so are the shared timer's interleaving and bench_cpu.py's
+dense-vs-SDPA path, on tiny shapes."""
 
 import csv
 import json
@@ -13,13 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import emulate_cuda_backend
-from fot_kernels.backends import reference
+
+import fot_kernels as fk
 from fot_kernels.testing import assert_close_to_reference, check_knn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_gpu  # noqa: E402
+import _common
+import baselines
+import bench_cpu
+import bench_gpu
 
 # tiny: every kernel, decode (Lq=1: bandwidth rows) and Lq=20 (40 rows per kv head: non-decode tiles)
 SMOKE_ARGS = ["--device", "cpu", "--m", "256", "--lq", "1", "20", "--dim", "64", "--k", "8", "--heads", "2"]
@@ -45,7 +50,6 @@ def test_cpu_smoke_run(tmp_path, monkeypatch, capsys, interpreter):
     assert status == 0, f"exit status {status}\nstdout:\n{out}\nstderr:\n{err}"
     for backend in bench_gpu.BACKENDS:
         assert f"backend {backend}: correctness gate passed (15 cases)" in out, out + err
-    assert "sdpa_flash_concat: skipped" in out  # needs CUDA
 
     rows = _read_csv(tmp_path / "bench_gpu.csv")
     assert rows
@@ -59,6 +63,7 @@ def test_cpu_smoke_run(tmp_path, monkeypatch, capsys, interpreter):
         assert ("knn_topk", backend, "ratio_to_cublas") in seen
     for kernel, provider in (("knn_topk", "cublas_bf16_matmul"), ("knn_topk", "torch_unfused"),
                              ("knn_attention", "torch_unfused"), ("dense_attention", "torch_longllama"),
+                             ("dense_attention", "sdpa_concat"), ("dense_attention", "sdpa_call_only"),
                              ("memory_copy", "d2d_copy_keys")):  # fmt: skip
         assert (kernel, provider, "time") in seen, (kernel, provider)
     assert ("memory_copy", "d2d_copy_keys", "bandwidth") in seen
@@ -113,40 +118,122 @@ def test_cuda_device_without_gpu_exits_2(tmp_path, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def _reference(q, key, value, mk, mv, *, topk=None, causal=True, mem_mask=None, scale=None):
+    """(float64 reference, reference in the inputs' own precision) of memory_attention."""
+    kw = dict(topk=topk, causal=causal, softmax_scale=scale, mem_mask=mem_mask, backend="reference")
+
+    def dbl(t):
+        return None if t is None else t.double()
+
+    hi = fk.memory_attention(q.double(), dbl(key), dbl(value), mk.double(), mv.double(), **kw)
+    return hi, fk.memory_attention(q, key, value, mk, mv, **kw)
+
+
 @pytest.mark.parametrize("hq, hkv", [(4, 2), (3, 3)])
 def test_baselines_match_reference(hq, hkv):
     """The PyTorch baselines over several memory chunks (the last one partial) and GQA, in float32
     (in bf16 the unfused kNN baselines round the scores to bf16, as cuBLAS bf16 outputs do, so
-    their near-ties may select other slots than the fp32-scoring kernels)."""
+    their near-ties may select other slots than the fp32-scoring kernels); Lk != Lq, so that the
+    causal mask's bottom-right alignment matters."""
     b, lq, lk, m, d, k, chunk = 2, 5, 7, 1000, 32, 16, 300
     q = torch.randn(b, hq, lq, d)
     mk, mv = torch.randn(b, hkv, m, d), torch.randn(b, hkv, m, d)
     kl, vl = torch.randn(b, hkv, lk, d), torch.randn(b, hkv, lk, d)
     scale = d**-0.5
 
-    scores, idx = bench_gpu.unfused_knn_topk(q, mk, k, chunk)
+    scores, idx = baselines.chunked_topk(q, mk, k, chunk)
     check_knn(scores, idx, q, mk, k)
 
-    def against_reference(out, key, value, topk):
-        kw = dict(topk=topk, causal=False, softmax_scale=scale)
-        dbl = (lambda t: None if t is None else t.double())  # noqa: E731
-        hi = reference.memory_attention(q.double(), dbl(key), dbl(value), mk.double(), mv.double(), **kw)[0]
-        lo = reference.memory_attention(q, key, value, mk, mv, **kw)[0]
-        assert_close_to_reference(out, hi, lo, name=f"topk={topk}")
+    for causal in (True, False):
+        out = baselines.attend_selected(q, kl, vl, mv, scores, idx, scale=scale, causal=causal)
+        assert_close_to_reference(out, *_reference(q, kl, vl, mk, mv, topk=k, causal=causal), name=f"kNN {causal=}")
+        hi, lo = _reference(q, kl, vl, mk, mv, causal=causal)
+        grouped = dict(head_chunk=2, query_chunk=2)
+        for name, out in (
+            ("longllama", baselines.longllama_attention(q, kl, vl, mk, mv, scale=scale, causal=causal)),
+            ("longllama grouped", baselines.longllama_attention(q, kl, vl, mk, mv, causal=causal, **grouped)),
+            ("sdpa_concat", baselines.sdpa_concat(q, kl, vl, mk, mv, causal=causal, scale=scale)),
+        ):
+            assert_close_to_reference(out, hi, lo, name=f"{name} {causal=}")
+    memory_only = baselines.attend_selected(q, None, None, mv, scores, idx, scale=scale)
+    assert_close_to_reference(memory_only, *_reference(q, None, None, mk, mv, topk=k), name="kNN memory only")
+    baselines.score_product(q, mk, chunk)  # runs; its result is not kept
 
-    against_reference(bench_gpu.unfused_knn_attention(q, mk, mv, k, chunk, scale), None, None, k)
-    against_reference(bench_gpu.longllama_dense(q, kl, vl, mk, mv, chunk, scale), kl, vl, None)
-    bench_gpu.cublas_matmul(q, mk, chunk)  # runs; its result is not kept
+
+def test_baselines_with_invalid_slots_and_bf16_memory():
+    """Memory validity (mem_valid) and bf16 memory with an fp32 query, where the baselines take them."""
+    b, hq, hkv, lq, m, d = 2, 4, 2, 6, 300, 64
+    q = torch.randn(b, hq, lq, d)
+    kl, vl = torch.randn(b, hkv, lq, d), torch.randn(b, hkv, lq, d)
+    mk, mv = torch.randn(b, hkv, m, d).bfloat16(), torch.randn(b, hkv, m, d).bfloat16()
+    valid = torch.rand(b, m) < 0.7
+    hi, lo = _reference(q, kl, vl, mk, mv, mem_mask=valid)
+    for name, out in (
+        ("sdpa_concat", baselines.sdpa_concat(q, kl, vl, mk, mv, mem_valid=valid)),
+        ("longllama", baselines.longllama_attention(q, kl, vl, mk, mv, mem_valid=valid)),
+    ):
+        assert out.dtype == q.dtype
+        assert_close_to_reference(out, hi, lo, name=name)
+    kc, vc, mask = baselines.sdpa_concat_inputs(q, kl, vl, mk, mv, mem_valid=valid)
+    assert kc.dtype == vc.dtype == q.dtype and mask.shape == (b, 1, lq, m + lq)
+    assert baselines.sdpa_concat_inputs(q, kl, vl, mk, mv, causal=False)[2] is None  # all visible: no mask
 
 
 def test_chunk_for():
-    assert bench_gpu.chunk_for(rows=100, bytes_per_entry=4, budget=100 * 4 * 5000, m=10**6) == 4096
-    assert bench_gpu.chunk_for(rows=100, bytes_per_entry=4, budget=1, m=10**6) == 1024  # at least 1024 slots
-    assert bench_gpu.chunk_for(rows=100, bytes_per_entry=4, budget=2**40, m=3000) == 3000  # at most M
-    assert bench_gpu.chunk_for(rows=100, bytes_per_entry=4, budget=2**40, m=10**6, cap=65536) == 65536
+    assert baselines.chunk_for(rows=100, bytes_per_entry=4, budget=100 * 4 * 5000, m=10**6) == 4096
+    assert baselines.chunk_for(rows=100, bytes_per_entry=4, budget=1, m=10**6) == 1024  # at least 1024 slots
+    assert baselines.chunk_for(rows=100, bytes_per_entry=4, budget=2**40, m=3000) == 3000  # at most M
+    assert baselines.chunk_for(rows=100, bytes_per_entry=4, budget=2**40, m=10**6, cap=65536) == 65536
+
+
+def test_longllama_grouping():
+    # everything fits: one group
+    assert baselines.longllama_grouping(1, 32, 2048, 10_000, 128, 2, 2**40) == (32, 2048)
+    # queries grouped as widely as fit with one head, then heads
+    hc, qc = baselines.longllama_grouping(1, 32, 2048, 2**20, 128, 2, 4 * 2**30)
+    assert 1 <= hc <= 32 and 1 <= qc <= 2048
+    assert hc * (2**20 * 128 * 2 + qc * 2**20 * 12) <= 4 * 2**30
+    assert baselines.longllama_grouping(1, 32, 2048, 2**24, 128, 2, 1) == (1, 1)  # never below one row
+
+
+def test_mode_option():
+    """--mode: fwd only so far (bwd / fwdbwd are planned, and rejected until then)."""
+    assert bench_gpu.parse_args(["--out", "x"]).mode == "fwd"
+    with pytest.raises(SystemExit):
+        bench_gpu.parse_args(["--out", "x", "--mode", "bwd"])
 
 
 def test_wall_clock_quantiles():
     calls = []
     med, p20, p80 = bench_gpu.wall_clock(lambda: calls.append(1))
     assert len(calls) == bench_gpu.CPU_REPEATS and 0 <= p20 <= med <= p80
+
+
+def test_measure_interleaved():
+    """Calls alternate, one of each function per round, until each has its samples."""
+    calls = []
+    fns = [lambda lap, name=name: calls.append(name) or name for name in "abc"]
+    ms = _common.measure_interleaved(fns, repeats=3, warmup=1, budget_s=float("inf"), min_repeats=2)
+    assert [m.result for m in ms] == ["a", "b", "c"]  # the first (checked) call's result
+    assert [m.laps[_common.TOTAL].samples for m in ms] == [3, 3, 3]
+    assert calls[:3] == ["a", "b", "c"]  # first calls (the warm-up), then rounds in rotating order
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_bench_cpu_dense_vs_sdpa(tmp_path, capsys):
+    """bench_cpu.py's dense-vs-SDPA path on tiny shapes: checks pass, ratio rows, the summary table."""
+    shape = ["--m", "1k", "--lq", "16", "--heads", "4", "--kv-heads", "2", "--dim", "32", "--bf16-at", "16,1k"]
+    args = ["--only", "dense-vs-sdpa", *shape, "--repeats", "2", "--max-seconds", "0.1", "--no-plot"]
+    assert bench_cpu.main([*args, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vs SDPA over cat([memory, local])" in out
+    rows = _read_csv(next(tmp_path.glob("bench_cpu_*-dense-vs-sdpa.csv")))
+    seen = {(r["kernel"], r["provider"], r["metric"]) for r in rows}
+    for provider in ("fot_kernels", "sdpa_concat", "sdpa_call_only"):
+        assert ("dense_attention", provider, "time") in seen
+    for provider in ("sdpa_concat", "sdpa_call_only"):
+        assert ("dense_attention", "fot_kernels", f"time_ratio_vs_{provider}") in seen
+    assert {r["check"] for r in rows if r["metric"] == "time"} == {"ok"}
+    assert {r["mode"] for r in rows} == {"forward"}
+    bf16 = {r["provider"] for r in rows if json.loads(r["config"])["mem_dtype"] == "bfloat16"}
+    assert bf16 == {"fot_kernels", "sdpa_concat"}
