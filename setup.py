@@ -67,7 +67,8 @@ def cuda_extension():
             _fail("; ".join(problems))
         return [], {}
     # sm_80 and sm_90 machine code (the kernels use WMMA / mma.sync, nothing sm_90a-only) and
-    # compute_90 PTX for newer GPUs; a TORCH_CUDA_ARCH_LIST in the environment wins. MAX_JOBS bounds ninja's parallel compiles.
+    # compute_90 PTX for newer GPUs; a TORCH_CUDA_ARCH_LIST in the environment wins. MAX_JOBS bounds ninja's
+    # parallel compiles.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.h*"))
     headers += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cuh"))
@@ -75,7 +76,10 @@ def cuda_extension():
         name="fot_kernels._C",
         sources=sources,
         depends=headers,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -1,4 +1,4 @@
-"""Argument checks for the public ops (DESIGN.md section 6).
+"""Argument checks for the public ops (docs/DESIGN.md section 6).
 
 Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
 device, value) whose message names the argument, what was expected and what was given. They run
@@ -12,11 +12,13 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
+MAX_K = 2**31 - 1  # k beyond this cannot even index a tensor dimension
 
 
 def _tensor(name: str, x: object, ndim: int, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> Tensor:
@@ -36,12 +38,18 @@ def _same_device(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
             raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
 
 
+def _is_bool(x: object) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
 def check_k(name: str, k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+    """An int (Python or numpy, not bool) in [1, 2**31 - 1]."""
+    if _is_bool(k) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"{name} must be >= 1, got {k}")
-    return int(k)
+    k = int(k)
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"{name} must be in [1, {MAX_K}], got {k}")
+    return k
 
 
 def check_query_and_memory(query: object, mem_keys: object, mem_values: object | None = None) -> tuple[Tensor, Tensor]:
@@ -68,13 +76,16 @@ def check_query_and_memory(query: object, mem_keys: object, mem_values: object |
         if mv.shape != mk.shape:
             raise ValueError(f"mem_values must have the shape of mem_keys {tuple(mk.shape)}, got {tuple(mv.shape)}")
         if mv.numel() > 0 and mv.stride(-1) != 1:
-            raise ValueError(f"mem_values must be contiguous in its last dim (stride(-1) == 1), got strides {mv.stride()}")
+            raise ValueError(
+                f"mem_values must be contiguous in its last dim (stride(-1) == 1), got strides {mv.stride()}"
+            )
         _same_device("query", q, mem_values=mv)
     return q, mk
 
 
-def check_local(query: Tensor, key: object, value: object) -> None:
-    """key/value [B, Hkv, Lk, D], both given or both None."""
+def check_local(query: Tensor, key: object, value: object, mem_keys: Tensor | None = None) -> None:
+    """key/value [B, Hkv, Lk, D], both given or both None, with mem_keys' Hkv (docs/DESIGN.md 3.2).
+    Any strides (the local context is small; a backend copies it where its kernels need to)."""
     if (key is None) != (value is None):
         raise ValueError("key and value must both be given or both be None")
     if key is None:
@@ -88,6 +99,11 @@ def check_local(query: Tensor, key: object, value: object) -> None:
         raise ValueError(f"key must be [B={batch}, Hkv, Lk, D={head_dim}], got shape {tuple(k.shape)}")
     if k.shape[1] < 1 or num_q_heads % k.shape[1] != 0:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key heads, got key shape {tuple(k.shape)}")
+    if mem_keys is not None and k.shape[1] != mem_keys.shape[1]:
+        raise ValueError(
+            f"key and mem_keys must have the same number of kv heads, got key shape {tuple(k.shape)} and "
+            f"mem_keys shape {tuple(mem_keys.shape)}"
+        )
     _same_device("query", query, key=k, value=v)
 
 
@@ -101,15 +117,20 @@ def check_memory_validity(
         if not isinstance(mem_lengths, Tensor):
             raise TypeError(f"mem_lengths must be a torch.Tensor or None, got {type(mem_lengths).__name__}")
         if mem_lengths.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
-            raise TypeError(f"mem_lengths must have an integer dtype, got {str(mem_lengths.dtype).replace('torch.', '')}")
+            got = str(mem_lengths.dtype).replace("torch.", "")
+            raise TypeError(f"mem_lengths must have an integer dtype, got {got}")
         if mem_lengths.shape != (batch,):
             raise ValueError(f"mem_lengths must have shape [B] = ({batch},), got {tuple(mem_lengths.shape)}")
         _same_device("query", query, mem_lengths=mem_lengths)
         lengths = mem_lengths.to(torch.int64)
-        if batch > 0:
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if lo < 0 or hi > num_slots:
-                raise ValueError(f"mem_lengths values must be in [0, M={num_slots}], got min {lo}, max {hi}")
+        if batch > 0 and lengths.device.type != "meta":  # meta tensors have no values to check
+            if torch.compiler.is_compiling():  # no data-dependent branch in a graph: checked when it runs
+                in_range = ((lengths >= 0) & (lengths <= num_slots)).all()
+                torch._assert_async(in_range, f"mem_lengths values must be in [0, M={num_slots}]")
+            else:
+                lo, hi = int(lengths.min()), int(lengths.max())
+                if lo < 0 or hi > num_slots:
+                    raise ValueError(f"mem_lengths values must be in [0, M={num_slots}], got min {lo}, max {hi}")
     if mem_mask is not None:
         if not isinstance(mem_mask, Tensor):
             raise TypeError(f"mem_mask must be a torch.Tensor or None, got {type(mem_mask).__name__}")
@@ -125,11 +146,15 @@ def check_memory_validity(
 def check_scale(softmax_scale: object, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+    if _is_bool(softmax_scale) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(float(softmax_scale)):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    return float(softmax_scale)
+    try:
+        scale = float(softmax_scale)
+    except OverflowError:  # e.g. 10**400
+        scale = math.inf
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r:.60}")
+    return scale
 
 
 def check_topk(topk: object) -> int | None:
@@ -137,9 +162,9 @@ def check_topk(topk: object) -> int | None:
 
 
 def check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
+    if not _is_bool(value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    return bool(value)
 
 
 def check_backend(backend: object, known: Sequence[str]) -> str:
@@ -159,7 +184,8 @@ def check_merge_inputs(outs: object, lses: object) -> tuple[list[Tensor], list[T
     lses_t = [_tensor(f"lses[{i}]", x, x.dim() if isinstance(x, Tensor) else 1) for i, x in enumerate(lses)]
     for i, (o, x) in enumerate(zip(outs_t, lses_t)):
         if o.dim() < 1 or o.shape[:-1] != x.shape:
-            raise ValueError(f"lses[{i}] must have shape outs[{i}].shape[:-1] = {tuple(o.shape[:-1])}, got {tuple(x.shape)}")
+            want = tuple(o.shape[:-1])
+            raise ValueError(f"lses[{i}] must have shape outs[{i}].shape[:-1] = {want}, got {tuple(x.shape)}")
         if o.shape != outs_t[0].shape:
             raise ValueError(f"outs[{i}] must have the shape of outs[0] {tuple(outs_t[0].shape)}, got {tuple(o.shape)}")
         _same_device("outs[0]", outs_t[0], **{f"outs[{i}]": o, f"lses[{i}]": x})

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
+from . import _merge
 from . import _validate as V
-from .backends import NAMES, auto_order, load
-from .backends import reference as _reference
+from .autograd import needs_grad
+from .backends import NAMES, auto_order, load, load_all
+
+# Every backend module is imported here, once, so that dispatch inside a torch.compile'd region
+# is a dictionary lookup (no importlib call to trace). Importing a backend imports no GPU library.
+load_all()
 
 
 class BackendUnavailableError(ValueError):
@@ -31,8 +37,14 @@ def _pick_backend(op: str, backend: str, query: Tensor, mem_keys: Tensor, **feat
             return module
         rejected[name] = reasons
     lines = "\n".join(f"  - {name}: {'; '.join(reasons)}" for name, reasons in rejected.items())
-    what = f"backend {backend!r}" if backend != "auto" else "no backend"
-    raise BackendUnavailableError(f"{what} can serve {op} for these inputs:\n{lines}")
+    what = f"backend {backend!r} cannot" if backend != "auto" else "no backend can"
+    raise BackendUnavailableError(f"{what} serve {op} for these inputs:\n{lines}")
+
+
+def _cap_k(k: int, num_slots: int) -> int:
+    """k beyond the memory's slot count selects the same slots as k = M: internal work is capped
+    at min(k, M) (the caller pads the result where the contract asks for k columns)."""
+    return min(k, max(num_slots, 1))
 
 
 def knn_topk(
@@ -58,14 +70,26 @@ def knn_topk(
 
     Returns:
         ``(scores, indices)``, both ``[B, Hq, Lq, k]``: scores float32 (float64 when an input is
-        float64) inner products in descending order, indices int64 into M. Ties keep the lower index. Invalid slots and slots with a NaN
-        score are never selected; with fewer than k valid slots the tail is (-inf, -1).
+        float64) inner products in descending order, indices int64 into M. Ties keep the lower
+        index. Invalid slots and slots with a non-finite score (NaN, +inf, -inf) are never
+        selected; with fewer than k of the others the tail is (-inf, -1). Not differentiable.
     """
     q, mk = V.check_query_and_memory(query, mem_keys)
     k = V.check_k("k", k)
     lengths, mask = V.check_memory_validity(q, mk, mem_lengths, mem_mask)
-    impl = _pick_backend("knn_topk", backend, q, mk, topk=k)
-    return impl.knn_topk(q, mk, k, mem_lengths=lengths, mem_mask=mask)
+    batch, num_q_heads, len_q, _ = q.shape
+    work_k = _cap_k(k, mk.shape[2])
+    impl = _pick_backend("knn_topk", backend, q, mk, topk=work_k)  # no gradient: a selection
+    if mk.shape[2] > 0 and work_k == k:
+        return impl.knn_topk(q, mk, k, mem_lengths=lengths, mem_mask=mask)
+    # k > M: the tail is padding; write the selection of min(k, M) into the padded result
+    scores = q.new_full((batch, num_q_heads, len_q, k), float("-inf"), dtype=_merge.compute_dtype(q, mk))
+    indices = torch.full(scores.shape, -1, dtype=torch.int64, device=q.device)
+    if mk.shape[2] > 0:
+        part_s, part_i = impl.knn_topk(q, mk, work_k, mem_lengths=lengths, mem_mask=mask)
+        scores[..., :work_k] = part_s
+        indices[..., :work_k] = part_i
+    return scores, indices
 
 
 def memory_attention(
@@ -108,13 +132,17 @@ def memory_attention(
         attend to gets output 0 and lse -inf.
     """
     q, mk = V.check_query_and_memory(query, mem_keys, mem_values)
-    V.check_local(q, key, value)
+    V.check_local(q, key, value, mk)
     topk = V.check_topk(topk)
     causal = V.check_flag("causal", causal)
     return_lse = V.check_flag("return_lse", return_lse)
     scale = V.check_scale(softmax_scale, q.shape[-1])
     lengths, mask = V.check_memory_validity(q, mk, mem_lengths, mem_mask)
-    impl = _pick_backend("memory_attention", backend, q, mk, key=key, value=value, mem_values=mem_values, topk=topk)
+    topk = None if topk is None else _cap_k(topk, mk.shape[2])
+    impl = _pick_backend(
+        "memory_attention", backend, q, mk, key=key, value=value, mem_values=mem_values, topk=topk,
+        needs_grad=needs_grad(q, key, value, mk, mem_values),
+    )  # fmt: skip
     out, lse = impl.memory_attention(
         q, key, value, mk, mem_values,
         topk=topk, causal=causal, softmax_scale=scale, mem_lengths=lengths, mem_mask=mask,
@@ -140,7 +168,10 @@ def knn_attention(
     topk = V.check_topk(topk)
     scale = V.check_scale(softmax_scale, q.shape[-1])
     lengths, mask = V.check_memory_validity(q, mk, mem_lengths, mem_mask)
-    impl = _pick_backend("memory_attention", backend, q, mk, mem_values=mem_values, topk=topk)
+    topk = None if topk is None else _cap_k(topk, mk.shape[2])
+    impl = _pick_backend(
+        "memory_attention", backend, q, mk, mem_values=mem_values, topk=topk, needs_grad=needs_grad(q, mk, mem_values)
+    )
     return impl.memory_attention(
         q, None, None, mk, mem_values,
         topk=topk, causal=False, softmax_scale=scale, mem_lengths=lengths, mem_mask=mask,
@@ -156,11 +187,12 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
 
     Returns:
         ``(out, lse)``: the attention over the union, in outs[0].dtype, and its lse (float32, or
-        float64 for float64 inputs). Parts with lse -inf contribute nothing; a row where every part
-        is empty gets 0 and -inf.
+        float64 for float64 inputs). Parts with lse -inf contribute nothing (even when their output
+        holds NaN, as a fully masked softmax row gives); a row where every part is empty gets 0
+        and -inf. Differentiable.
     """
     outs_t, lses_t = V.check_merge_inputs(outs, lses)
-    return _reference.merge_attention(outs_t, lses_t)
+    return _merge.merge_attention(outs_t, lses_t)
 
 
 __all__ = ["BackendUnavailableError", "knn_attention", "knn_topk", "memory_attention", "merge_attention"]

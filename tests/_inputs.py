@@ -22,7 +22,7 @@ class Case:
     def memory_kwargs(self) -> dict:
         return {"mem_lengths": self.mem_lengths, "mem_mask": self.mem_mask}
 
-    def to(self, dtype: torch.dtype) -> "Case":
+    def to(self, dtype: torch.dtype) -> Case:
         """Same values cast to dtype (for the float64 oracle)."""
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         return Case(cast(self.query), cast(self.key), cast(self.value), cast(self.mem_keys), cast(self.mem_values),

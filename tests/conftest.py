@@ -65,8 +65,9 @@ def emulate_cuda_backend(monkeypatch):
     """Point the cuda backend at csrc/cuda's kernels built for the CPU emulator (tests/cuda_emu):
     the backend's own code path, on CPU tensors. Skipped without a compiler, unless
     FOT_KERNELS_REQUIRE_CPU_EXT=1 (CI), where a failed build fails the test."""
-    import cuda_emu
     from fot_kernels.backends import cuda
+
+    import cuda_emu
 
     try:
         ops = cuda_emu.load()

@@ -10,6 +10,7 @@ import torch
 import fot_kernels as fk
 from fot_kernels.backends import reference
 from fot_kernels.testing import assert_close_to_reference, check_knn, peak_memory
+
 from _inputs import make_case
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -55,11 +56,12 @@ def test_knn_topk(shape, k, impl):
     check_knn(scores, indices, case.query, case.mem_keys, k, **case.memory_kwargs())
 
 
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
 @pytest.mark.parametrize("mem_dtype", DTYPES)
 def test_knn_topk_dtypes(dtype, mem_dtype, impl):
     _skip_float64_on_gpu_kernels(impl, dtype)
-    case = make_case(2, 4, 2, 19, 3, 777, 100, dtype=dtype, mem_dtype=mem_dtype, strided_memory=True, device=impl.device)
+    case = make_case(2, 4, 2, 19, 3, 777, 100, dtype=dtype, mem_dtype=mem_dtype, strided_memory=True,
+                     device=impl.device)  # fmt: skip
     scores, indices = fk.knn_topk(case.query, case.mem_keys, 16, backend=impl.name)
     check_knn(scores, indices, case.query, case.mem_keys, 16)
 
@@ -102,7 +104,8 @@ def test_memory_attention(shape, topk, causal, impl):
 @pytest.mark.parametrize("mem_dtype", DTYPES)
 @pytest.mark.parametrize("topk", [None, 16])
 def test_memory_attention_dtypes(dtype, mem_dtype, topk, impl):
-    case = make_case(2, 4, 2, 33, 40, 555, 100, dtype=dtype, mem_dtype=mem_dtype, lengths=True, strided_memory=True, device=impl.device)
+    case = make_case(2, 4, 2, 33, 40, 555, 100, dtype=dtype, mem_dtype=mem_dtype, lengths=True, strided_memory=True,
+                     device=impl.device)  # fmt: skip
     _attention_against_reference(impl, case, dtype, topk=topk, softmax_scale=0.07)
 
 
@@ -112,7 +115,8 @@ def test_memory_attention_float64_runs_in_float64(impl):
     for topk in (None, 5):
         out, lse = fk.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values,
                                        topk=topk, return_lse=True, backend=impl.name)  # fmt: skip
-        ref, ref_lse = reference.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, topk=topk)
+        ref, ref_lse = reference.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values,
+                                                  topk=topk)  # fmt: skip
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-12, rtol=1e-12)
@@ -202,3 +206,116 @@ def test_peak_memory_does_not_grow_with_lq_times_m(topk, mem_dtype, impl):
     if mem_dtype != torch.float32:
         upcast_keys = case.mem_keys.numel() * 4
         assert peak < upcast_keys / 4, f"peak extra memory {peak / 2**20:.1f} MiB: an upcast copy of the memory?"
+
+
+# --- Non-finite scores (docs/DESIGN.md 3.2): dropped, never poisoning a row -----------------------
+
+NONFINITE = {"+inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+def _masked_out(case, slot):
+    """The same case with memory slot ``slot`` of batch row 0 made invalid by mem_mask."""
+    mask = torch.ones(case.mem_keys.shape[0], case.mem_keys.shape[2], dtype=torch.bool, device=case.query.device)
+    if case.mem_mask is not None:
+        mask &= case.mem_mask
+    mask[0, slot] = False
+    return mask
+
+
+@pytest.mark.parametrize("bad", NONFINITE.values(), ids=NONFINITE.keys())
+@pytest.mark.parametrize("topk", [None, 4])
+@pytest.mark.parametrize("mem_dtype", [torch.float32, torch.float16])
+def test_nonfinite_memory_key_is_dropped(bad, topk, mem_dtype, impl):
+    # An fp16 overflow upstream: one element of a memory key and the slot's whole value non-finite.
+    # The slot must contribute exactly what an invalid slot contributes: nothing.
+    case = make_case(2, 4, 2, 7, 9, 70, 24, mem_dtype=mem_dtype, device=impl.device)
+    case.mem_keys[0, :, 10, 3] = bad
+    case.mem_values[0, :, 10] = bad
+    out = _attention_against_reference(impl, case, torch.float32, topk=topk)[0]
+    masked = fk.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, topk=topk,
+                                 mem_mask=_masked_out(case, 10), backend=impl.name)  # fmt: skip
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, masked, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", NONFINITE.values(), ids=NONFINITE.keys())
+@pytest.mark.parametrize("topk", [None, 4])
+def test_nonfinite_local_key_is_dropped(bad, topk, impl):
+    case = make_case(1, 4, 2, 6, 11, 40, 20, device=impl.device)
+    case.key[0, 1, 3, 5] = bad
+    case.value[0, 1, 3] = bad
+    out = _attention_against_reference(impl, case, torch.float32, topk=topk, causal=True)[0]
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bad", NONFINITE.values(), ids=NONFINITE.keys())
+def test_nonfinite_memory_key_is_never_selected(bad, impl):
+    case = make_case(1, 2, 1, 5, 1, 30, 16, device=impl.device)
+    case.mem_keys[0, 0, [4, 17], 2] = bad  # +inf would win every query's top-1 if it were selected
+    scores, indices = fk.knn_topk(case.query, case.mem_keys, 30, backend=impl.name)
+    check_knn(scores, indices, case.query, case.mem_keys, 30)
+    assert not ((indices == 4) | (indices == 17)).any()
+    assert (indices[..., -2:] == -1).all() and torch.isfinite(scores[..., :-2]).all()
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_score_overflow_drops_the_slot_for_those_queries_only(topk, impl):
+    # A finite fp32 key whose score overflows for some queries only: dropped there, kept elsewhere.
+    case = make_case(1, 2, 2, 6, 6, 50, 16, device=impl.device)
+    case.mem_keys[0, :, 7] = 0.0
+    case.mem_keys[0, :, 7, 0] = 1e30
+    case.query[0, :, 1, 0] = 1e10  # 1e40 overflows fp32: slot 7 dropped for query 1
+    case.query[0, :, 2, 0] = 2.0  # 2e30: slot 7 takes every weight for query 2
+    out = fk.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, topk=topk,
+                              backend=impl.name)  # fmt: skip
+    ref = reference.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, topk=topk)[0]
+    masked = fk.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, topk=topk,
+                                 mem_mask=_masked_out(case, 7), backend=impl.name)  # fmt: skip
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0, :, 1], masked[0, :, 1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[0, :, 2], case.mem_values[0, :, 7].float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_nan_query_row_gets_zero_and_minus_inf(topk, impl):
+    case = make_case(1, 2, 2, 5, 5, 40, 16, device=impl.device)
+    case.query[0, 1, 2, 4] = float("nan")
+    case.mem_values[0, 0, 3] = float("nan")  # a NaN value at a slot every other query drops
+    case.mem_keys[0, 0, 3] = float("nan")
+    out, lse = _attention_against_reference(impl, case, torch.float32, topk=topk)
+    assert (out[0, 1, 2] == 0).all() and torch.isneginf(lse[0, 1, 2])
+    assert torch.isfinite(out).all()
+
+
+def test_local_key_and_value_with_strided_last_dim(impl):
+    case = make_case(1, 4, 2, 9, 12, 40, 20, device=impl.device)
+    case.key = case.key.transpose(-1, -2).contiguous().transpose(-1, -2)  # stride(-1) == Lk
+    case.value = case.value.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert case.key.stride(-1) != 1
+    _attention_against_reference(impl, case, torch.float32, topk=None)
+
+
+# --- Gradients (docs/DESIGN.md 3.4): computed or refused, never silently detached ----------------
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_gradients_are_computed_or_refused(topk, impl):
+    case = make_case(1, 4, 2, 6, 8, 30, 16, lengths=True, device=impl.device)
+    leaves = [t.clone().requires_grad_() for t in (case.query, case.key, case.value, case.mem_keys, case.mem_values)]
+    call = lambda *xs, backend: fk.memory_attention(*xs, topk=topk, backend=backend, **case.memory_kwargs())  # noqa: E731
+    if impl.name not in ("streaming", "cpu"):  # the fused GPU kernels have no backward yet
+        with pytest.raises(fk.BackendUnavailableError, match="no backward"):
+            call(*leaves, backend=impl.name)
+        with torch.no_grad():  # without autograd the same call runs
+            call(*leaves, backend=impl.name)
+        return
+    grad_out = torch.randn_like(case.query)
+    grads = torch.autograd.grad(call(*leaves, backend=impl.name), leaves, grad_out)
+    hi = [t.detach().double().requires_grad_() for t in leaves]
+    ref = torch.autograd.grad(call(*hi, backend="reference"), hi, grad_out.double())
+    lo = [t.detach().clone().requires_grad_() for t in leaves]
+    ref_lo = torch.autograd.grad(call(*lo, backend="reference"), lo, grad_out)
+    for name, g, g_hi, g_lo in zip(("query", "key", "value", "mem_keys", "mem_values"), grads, ref, ref_lo):
+        assert g.dtype == g_lo.dtype
+        assert_close_to_reference(g, g_hi, g_lo, f"d{name}")

@@ -1,4 +1,5 @@
-"""Tests of the C++ CPU ops (torch.ops.fot_cpu.*) against straightforward float64 torch code."""
+"""Tests of the C++ CPU kernels of the ``torch.ops.fot.*`` ops (csrc/cpu) against straightforward float64 torch
+code."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import math
 import pytest
 import torch
 
-from fot_kernels import testing
+from fot_kernels import _library, testing
 from fot_kernels.backends import _cpu_ext, reference
 
 if not _cpu_ext.load():
     pytest.skip(f"C++ CPU extension unavailable: {_cpu_ext.unavailable_reason()}", allow_module_level=True)
 
-ops = torch.ops.fot_cpu
+ops = _library.ops()
 NEG_INF = float("-inf")
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """The ops fill their outputs with NaN / -7777 before the kernels run (FOT_KERNELS_CPU_POISON=1),
+    so that an element a kernel forgets to write fails the test."""
+    monkeypatch.setenv("FOT_KERNELS_CPU_POISON", "1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +54,31 @@ def ref_scores(query, keys):
     return query.double() @ keys.float().double().transpose(-1, -2)
 
 
+def kept_scores(query, keys):
+    """float64 scores [B, H, N, M] and whether each is kept: its fp32 value is finite (docs/DESIGN.md 3.2:
+    a NaN or +-inf unscaled score, from a non-finite query or key element or an fp32 overflow, is
+    dropped). Test inputs keep finite scores far from the fp32 overflow threshold."""
+    s = ref_scores(query, keys)
+    return s, torch.isfinite(s.float())
+
+
+def finite_keys(keys):
+    """Bool [B, H, M]: key rows without a NaN/inf element."""
+    return torch.isfinite(keys.float()).all(-1)
+
+
+def ref_knn(query, keys, mem_lengths, mem_mask, k):
+    """Exact top-k by float64 scores, non-finite (fp32) scores dropped, ties to the lower index."""
+    B, _, _, M = *query.shape[:3], keys.shape[2]
+    s, keep = kept_scores(query, keys)
+    keep &= validity(B, M, mem_lengths, mem_mask)[:, None, None, :]
+    ranked = s.masked_fill(~keep, NEG_INF)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :k]
+    top_s, top_i = ranked.gather(-1, order), order.masked_fill(~keep.gather(-1, order), -1)
+    pad = (*top_s.shape[:3], k - top_s.shape[-1])
+    return torch.cat([top_s, top_s.new_full(pad, NEG_INF)], -1), torch.cat([top_i, top_i.new_full(pad, -1)], -1)
+
+
 def random_mask(B, M, gen, p=0.8):
     m = torch.rand(B, M + 3, generator=gen) < p
     return m[:, 1 : M + 1]  # non-contiguous-offset view
@@ -61,19 +95,21 @@ def check_knn(query, keys, mem_lengths, mem_mask, k, scores, indices, *, exact=F
 
 
 def ref_attention(query, keys, values, valid, scale, causal_lq):
-    """float64 dense attention over candidates; returns (out, lse)."""
-    s = ref_scores(query, keys) * scale
+    """float64 dense attention over candidates (valid, causally allowed, finite fp32 score); the
+    values of invalid slots and of keys with a non-finite element are never read. (out, lse)."""
+    s, keep = kept_scores(query, keys)
+    s = s * scale
     B, H, N, _ = query.shape
     M = keys.shape[2]
-    cand = valid[:, None, None, :].expand(B, H, N, M).clone()
+    cand = valid[:, None, None, :].expand(B, H, N, M) & keep
     if causal_lq:
         pos = torch.arange(N) % causal_lq
         cand &= torch.arange(M)[None, :] <= (pos[:, None] + M - causal_lq)
-    cand &= ~torch.isnan(s)
     s = s.masked_fill(~cand, NEG_INF)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    v = values.float().double().masked_fill(~valid[:, None, :, None], 0.0)
+    unread = ~valid[:, None, :] | ~finite_keys(keys)
+    v = values.float().double().masked_fill(unread[..., None], 0.0)
     out = p @ v
     out[lse == NEG_INF] = 0.0
     return out, lse
@@ -159,16 +195,22 @@ def test_knn_scan_nan_and_inf(gen):
     check_knn(query, keys, None, None, k, scores, indices)
 
 
-def test_knn_scan_neg_inf_selectable(gen):
-    # A valid slot whose score is -inf is selectable (ranks below every finite score).
+@pytest.mark.parametrize("N", [1, 12, 70])  # direct, stream, packed paths
+def test_knn_scan_nonfinite_never_selected(N, gen):
+    # Fewer finite candidates than k: slots whose score is -inf (overflow), +inf (overflow or an
+    # inf key element) or NaN are padding, never selected after the finite ones.
     D = 8
-    query = torch.ones(1, 1, 1, D)
-    keys = torch.randn(1, 1, 5, D, generator=gen)
-    keys[0, 0, 1] = -1e38
-    keys[0, 0, 3] = float("nan")
-    scores, indices = ops.knn_scan(query, keys, None, None, 6)
-    assert indices[0, 0, 0].tolist()[3:] == [1, -1, -1]
-    assert scores[0, 0, 0, 3] == NEG_INF
+    query = torch.ones(1, 1, N, D)
+    keys = torch.randn(1, 1, 7, D, generator=gen)
+    keys[0, 0, 1] = -1e38  # score -8e38: -inf in fp32
+    keys[0, 0, 2] = 1e38  # +inf
+    keys[0, 0, 3, 4] = NAN
+    keys[0, 0, 4, 0] = INF
+    keys[0, 0, 5, 6] = -INF
+    scores, indices = ops.knn_scan(query, keys, None, None, 9)
+    assert indices[0, 0, :, :2].sort(-1).values.tolist() == [[0, 6]] * N
+    assert (indices[0, 0, :, 2:] == -1).all() and (scores[0, 0, :, 2:] == NEG_INF).all()
+    assert torch.isfinite(scores[..., :2]).all()
 
 
 def test_knn_scan_nothing_valid(gen):
@@ -214,8 +256,11 @@ def test_knn_scan_row_paths_exact_ties(N, D, gen):
         check_knn(query, keys.to(dtype), lengths, mask, k, scores, indices, exact=True)
 
 
-@pytest.mark.parametrize("N,M,dtype", [(1, 40000, torch.bfloat16), (3, 40000, torch.bfloat16), (8, 40000, torch.bfloat16),
-                                         (9, 20000, torch.float16), (40, 20000, torch.float16), (64, 20000, torch.float16)])
+@pytest.mark.parametrize(
+    "N,M,dtype",
+    [(1, 40000, torch.bfloat16), (3, 40000, torch.bfloat16), (8, 40000, torch.bfloat16),
+     (9, 20000, torch.float16), (40, 20000, torch.float16), (64, 20000, torch.float16)],
+)  # fmt: skip
 def test_knn_scan_memory_split(N, M, dtype, gen):
     # B*H = 1 with 2 threads: rows are chunked and/or the memory is split across threads and the
     # partial lists merged (direct path N <= 8, stream path 9..64).
@@ -438,6 +483,171 @@ def test_knn_then_gather_matches_topk_attention(gen):
     check_attention(out, lse, ref_out, ref_lse)
 
 
+# ---------------------------------------------------------------------------------------------
+# non-finite scores (docs/DESIGN.md 3.2): a slot whose unscaled fp32 score is NaN or +-inf is dropped;
+# the value of a key with a non-finite element is never read (fp16 overflow upstream makes both the
+# key and the value inf); a row without candidates gets (0, -inf).
+
+# A key [BIG, 0, ...] scores BIG * q[0]: finite for |q[0]| <= 1, +-inf (fp32 overflow) for
+# |q[0]| = 2. float16 cannot hold BIG: there it is inf, a non-finite key element.
+BIG = 3e38
+Q0 = torch.tensor([2.0, -2.0, 1.0, -1.0, 0.5, 0.0])  # q[0] of row n is Q0[n % 6]
+
+
+def nonfinite_memory(B, H, M, D, dtype, gen, *, integer=False):
+    """keys, values [B, H, M, D] with keys holding NaN / +inf / -inf elements and an overflowing
+    key, whose values are NaN / inf (the key-dropped ones) or finite (the overflowing one)."""
+    if integer:  # exact fp32 scores: exact ties and exact comparisons
+        keys = torch.randint(-1, 2, (B, H, M, D), generator=gen).float()
+    else:
+        keys = torch.randn(B, H, M, D, generator=gen)
+    values = torch.randn(B, H, M, D, generator=gen)
+    for slot, d, x in ((5, 3, NAN), (17 % M, 1, INF), (33 % M, 2, -INF), (M - 2, 0, INF)):
+        keys[:, :, slot, d] = x
+        values[:, :, slot] = x  # never read
+    big = max(M - 10, 0)
+    keys[:, :, big] = 0.0
+    keys[:, :, big, 0] = BIG
+    keys[:, :, M // 2 : M // 2 + 40 : 3, -1] = NAN  # more, in other blocks / chunks
+    values[:, :, M // 2 : M // 2 + 40 : 3] = -INF
+    return keys.to(dtype), values
+
+
+def nonfinite_queries(B, H, N, D, gen, *, integer=False, nan_row=True):
+    """Query rows with q[0] = Q0[n % 6] and a NaN row (the last one of head 0)."""
+    if integer:
+        query = torch.randint(-2, 3, (B, H, N, D), generator=gen).float()
+    else:
+        query = torch.randn(B, H, N, D, generator=gen)
+    query[..., 0] = Q0.repeat(N // 6 + 1)[:N]
+    if nan_row:
+        query[:, 0, N - 1, D // 2] = NAN
+    return query
+
+
+@pytest.mark.parametrize("N", [3, 20, 100])  # direct, stream, packed paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_knn_scan_nonfinite_scores(N, dtype, gen):
+    B, H, M, D, k = 2, 1, 700, 40, 37
+    query = nonfinite_queries(B, H, N, D, gen, integer=True)
+    keys, _ = nonfinite_memory(B, H, M, D, dtype, gen, integer=True)
+    lengths = torch.tensor([M, 690])
+    mask = random_mask(B, M, gen, p=0.9)
+    mask[:, M - 10] = True
+    scores, indices = ops.knn_scan(query, keys, lengths, mask, k)
+    ref_s, ref_i = ref_knn(query, keys, lengths, mask, k)
+    assert torch.equal(indices, ref_i), "selection differs from the exact reference"
+    assert torch.equal(scores.double(), ref_s), "scores differ from the exact reference"
+    assert (indices[:, 0, N - 1] == -1).all(), "a NaN query row selects nothing"
+    if dtype != torch.float16:  # rows with q[0] = 1 pick the finite huge score first
+        assert (indices[0, 0, 2 : N - 1 : 6, 0] == M - 10).all()
+
+
+@pytest.mark.parametrize("N,causal_lq,M", [(3, 0, 700), (3, 3, 700), (20, 0, 700), (20, 10, 700),
+                                           (100, 0, 700), (100, 50, 700), (100, 50, 50), (20, 20, 20)])
+@pytest.mark.parametrize("kdtype,vdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.float16, torch.float32)])
+def test_flash_scan_nonfinite_scores(N, causal_lq, M, kdtype, vdtype, gen):
+    # Dense memory (causal_lq = 0) and local causal parts (M = Lk), every row path; batch row 1
+    # holds only keys with a non-finite element (and inf values): every row gets (0, -inf).
+    B, H, D = 2, 1, 40
+    query = nonfinite_queries(B, H, N, D, gen)
+    keys, values = nonfinite_memory(B, H, M, D, kdtype, gen)
+    keys[1, :, :, 7] = INF
+    values[1] = INF
+    values = values.to(vdtype)
+    scale = 0.125
+    out, lse = ops.flash_scan(query, keys, values, None, None, scale, causal_lq)
+    valid = torch.ones(B, M, dtype=torch.bool)
+    ref_out, ref_lse = ref_attention(query, keys, values, valid, scale, causal_lq)
+    check_attention(out, lse, ref_out, ref_lse)
+    assert (lse[1] == NEG_INF).all() and (out[1] == 0).all()
+    assert lse[0, 0, N - 1] == NEG_INF and (out[0, 0, N - 1] == 0).all(), "NaN query row"
+
+
+@pytest.mark.parametrize("N,causal_lq", [(1, 0), (4, 0), (20, 0), (8, 8)])
+def test_nonfinite_scores_memory_split(N, causal_lq, gen):
+    # B*H = 1 with 2 threads: the memory is split across threads; dropped slots in every split.
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        M, D, k = 30000, 64, 40
+        query = nonfinite_queries(1, 1, N, D, gen, nan_row=N > 1)
+        keys, values = nonfinite_memory(1, 1, M, D, torch.bfloat16, gen)
+        for slot in (100, 7000, 15100, 22000, 29000):
+            keys[0, 0, slot : slot + 30 : 2, 9] = INF
+            values[0, 0, slot : slot + 30 : 2] = NAN
+        mask = random_mask(1, M, gen, p=0.9)
+        lengths = torch.tensor([M - 1])
+        valid = validity(1, M, lengths, mask)
+        out, lse = ops.flash_scan(query, keys, values, lengths, mask, 0.2, causal_lq)
+        ref_out, ref_lse = ref_attention(query, keys, values, valid, 0.2, causal_lq)
+        check_attention(out, lse, ref_out, ref_lse)
+        if causal_lq == 0:
+            # the float64 checker sees no fp32 overflow: no overflowing key here (other tests have
+            # it); keys with a non-finite element are masked for the checker (and zeroed)
+            keys[0, 0, M - 10] = keys[0, 0, 0]
+            scores, indices = ops.knn_scan(query, keys, lengths, mask, k)
+            ok = finite_keys(keys)[:, 0]
+            assert (ok[0][indices.clamp_min(0)] | (indices < 0)).all(), "a key with a non-finite element was selected"
+            check_knn(query, keys.masked_fill(~ok[:, None, :, None], 0), lengths, mask & ok, k, scores, indices)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gather_attention_nonfinite_scores(dtype, gen):
+    # Scores handed in by the caller: NaN / +-inf entries on real slots are dropped (their values
+    # are inf / NaN and never read); an all-NaN row gets (0, -inf).
+    B, H, N, M, D, k = 1, 2, 6, 50, 24, 9
+    values = torch.randn(B, H, M, D, generator=gen)
+    scores = torch.randn(B, H, N, k, generator=gen) * 3
+    indices = torch.randint(0, M - 3, (B, H, N, k), generator=gen)
+    for j, (x, slot) in enumerate(((INF, M - 1), (NAN, M - 2), (NEG_INF, M - 3))):
+        scores[:, :, : N - 1, j] = x
+        indices[:, :, : N - 1, j] = slot
+        values[:, :, slot] = INF if j != 1 else NAN
+    scores[0, 1, N - 1] = NAN
+    values = values.to(dtype)
+    out, lse = ops.gather_attention(scores, indices, values, 0.5)
+    keep = torch.isfinite(scores) & (indices >= 0)
+    x = (scores.double() * 0.5).masked_fill(~keep, NEG_INF)
+    ref_lse = torch.logsumexp(x, -1)
+    p = torch.exp(x - ref_lse[..., None]).nan_to_num(0.0)
+    v = values.double()
+    gathered = torch.stack([v[0, h][indices[0, h]] for h in range(H)])[None]  # [B, H, N, k, D]
+    ref_out = (p[..., None] * gathered.masked_fill(~keep[..., None], 0.0)).sum(-2)
+    ref_out[ref_lse == NEG_INF] = 0.0
+    check_attention(out, lse, ref_out, ref_lse)
+    assert lse[0, 1, N - 1] == NEG_INF and (out[0, 1, N - 1] == 0).all()
+
+
+@pytest.mark.parametrize("N", [1, 5, 40, 300])  # direct, stream and packed paths
+@pytest.mark.parametrize("B,H", [(1, 1), (1, 3), (2, 4)])
+def test_results_do_not_depend_on_thread_count(B, H, N, gen):
+    # The work plan (row chunks, memory splits) depends on the shapes only: bit-identical results.
+    M, D, k = 9000, 64, 20
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = torch.randn(B, H, M, D, generator=gen).bfloat16()
+    values = torch.randn(B, H, M, D, generator=gen)
+    mask = random_mask(B, M, gen, p=0.9)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            s, i = ops.knn_scan(query, keys, None, mask, k)
+            o, lse = ops.flash_scan(query, keys, values, None, mask, 0.1, 0)
+            oc, lsec = ops.flash_scan(query, keys[:, :, :N], values[:, :, :N], None, None, 0.1, N)
+            g, glse = ops.gather_attention(s, i, values, 0.1)
+            results.append((s, i, o, lse, oc, lsec, g, glse))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)
+
+
 def test_bad_inputs_raise(gen):
     q = torch.randn(1, 1, 2, 8)
     keys = torch.randn(1, 1, 10, 8)
@@ -460,10 +670,10 @@ def test_fake_tensor_shapes():
         q = torch.empty(2, 3, 5, 16)
         kv = torch.empty(2, 3, 40, 16, dtype=torch.bfloat16)
         s, i = ops.knn_scan(q, kv, None, None, 7)
-        o, l = ops.flash_scan(q, kv, kv, None, None, 0.5, 0)
+        o, lse = ops.flash_scan(q, kv, kv, None, None, 0.5, 0)
         go, gl = ops.gather_attention(s, i, kv, 0.5)
     assert s.shape == (2, 3, 5, 7) and i.dtype == torch.int64
-    assert o.shape == (2, 3, 5, 16) and l.shape == (2, 3, 5)
+    assert o.shape == (2, 3, 5, 16) and lse.shape == (2, 3, 5)
     assert go.shape == (2, 3, 5, 16) and gl.shape == (2, 3, 5)
 
 
@@ -476,3 +686,12 @@ def test_opcheck(gen):
     torch.library.opcheck(ops.flash_scan.default, (q, kv, kv, lengths, mask, 0.5, 0))
     s, i = ops.knn_scan(q, kv, lengths, mask, 7)
     torch.library.opcheck(ops.gather_attention.default, (s, i, kv, 0.5))
+
+
+def test_registration():
+    # One namespace: the C++ library registers CPU kernels for the schemas of fot_kernels._library
+    # (no schema of its own besides the utility op cpu_simd_level).
+    for name in ("knn_scan", "flash_scan", "gather_attention"):
+        assert _library.has_kernel(name, "CPU")
+    assert not hasattr(torch.ops, "fot_cpu") or not hasattr(torch.ops.fot_cpu, "knn_scan")
+    assert torch.ops.fot.cpu_simd_level() in (0, 512)

@@ -11,27 +11,32 @@ The cases every backend shares (odd head dims, GQA, masks, lengths, ties, NaN ke
 memory, every dtype pairing) run against the cuda backend in tests/test_backends.py (the `impl`
 fixture's "cuda-emulated" and "cuda"); this module adds what is specific to these kernels: memory
 long enough to split across blocks (and merge the splits), ties across splits, exactness of the
-fp32 path with bf16 memory, tensor-core head dims, smaller shared-memory budgets, what is not
-served, and the custom ops' opcheck / fake kernels / torch.compile. Tolerances: flash-attention's
+fp32 path with bf16 memory, tensor-core head dims, smaller shared-memory budgets, non-finite scores
+in every kernel and dtype path (+-inf / NaN keys with inf / NaN values, whole tiles of them, scores
+that overflow for some queries only, non-finite query rows, with splits), what is not served, and
+the custom ops (one namespace, opcheck, fake kernels, torch.compile). Tolerances: flash-attention's
 rule (fot_kernels.testing.assert_close_to_reference) for attention, fot_kernels.testing.check_knn
 for kNN (exact top-k against float64 scores, free only among rounding-level near-ties).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import emulate_cuda_backend
 
 import fot_kernels as fk
+from fot_kernels import _library
 from fot_kernels.backends import cuda as CB
 from fot_kernels.backends import reference
 from fot_kernels.testing import assert_close_to_reference, check_knn
+
 from _inputs import make_case
-from conftest import emulate_cuda_backend
 
 
 @pytest.fixture(params=["emulated", "gpu"])
@@ -49,7 +54,7 @@ def env(request, monkeypatch):
     # likely start as NaN (the emulated build poisons its outputs itself).
     blocks = [torch.full((n,), float("nan"), device="cuda") for n in [2**18] * 8 + [2**22] * 4]
     del blocks
-    return SimpleNamespace(dev="cuda", ops=torch.ops.fot_cuda, emulated=False)
+    return SimpleNamespace(dev="cuda", ops=_library.ops(), emulated=False)
 
 
 @pytest.fixture
@@ -59,14 +64,21 @@ def emulated(env):
     return env
 
 
-def _attention_against_reference(env, case, dtype_out, **kw):
+def _reference_hi_lo(case, **kw):
+    """The reference's (out, lse) on float64 inputs (the oracle) and in the case's own precision
+    (whose error against the oracle sets the tolerance)."""
+    results = []
+    for c in (case.to(torch.float64), case):
+        results.append(reference.memory_attention(c.query, c.key, c.value, c.mem_keys, c.mem_values,
+                                                  **case.memory_kwargs(), **kw))  # fmt: skip
+    return results
+
+
+def _attention_against_reference(env, case, dtype_out, expected=None, **kw):
+    """memory_attention on the cuda backend against `expected` (default: _reference_hi_lo)."""
     out, lse = fk.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values,
                                    return_lse=True, backend="cuda", **case.memory_kwargs(), **kw)  # fmt: skip
-    hi = case.to(torch.float64)
-    ref_hi, lse_hi = reference.memory_attention(hi.query, hi.key, hi.value, hi.mem_keys, hi.mem_values,
-                                                **case.memory_kwargs(), **kw)  # fmt: skip
-    ref_lo, lse_lo = reference.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values,
-                                                **case.memory_kwargs(), **kw)  # fmt: skip
+    (ref_hi, lse_hi), (ref_lo, lse_lo) = expected or _reference_hi_lo(case, **kw)
     assert out.dtype == dtype_out and lse.dtype == torch.float32 and out.device.type == env.dev
     assert_close_to_reference(out, ref_hi, ref_lo, "out")
     assert_close_to_reference(lse, lse_hi, lse_lo.float(), "lse")
@@ -97,7 +109,7 @@ def test_knn_topk_ties_across_splits_keep_lower_index(env):
     keys[0, 0, ::997] = 1.0  # 31 slots with the same (largest) score
     query = torch.ones(1, 1, 1, 64, device=env.dev)
     before = _launches(env)
-    scores, indices = fk.knn_topk(query, keys, 8, backend="cuda")
+    _, indices = fk.knn_topk(query, keys, 8, backend="cuda")
     assert indices[0, 0, 0].tolist() == list(range(0, 30_000, 997))[:8]
     if env.emulated:
         assert _launches(env) - before == 2, "the memory was not split (scan + merge)"
@@ -106,8 +118,8 @@ def test_knn_topk_ties_across_splits_keep_lower_index(env):
 @pytest.mark.parametrize("num_sms", [1, 8, 132])
 def test_knn_scan_selection_edge_cases(env, num_sms):
     """The scan's selection (packed keys, candidate buffer, sort, merge by rank, split merge) on
-    exact scores (D = 1, query 1): many ties (also +0 / -0), NaN, -inf, masks, lengths, k from 1
-    to 256, as many splits as the emulated SM count gives."""
+    exact scores (D = 1, query 1): many ties (also +0 / -0), NaN, +-inf (never selected), masks,
+    lengths, k from 1 to 256, as many splits as the emulated SM count gives."""
     if not env.emulated and num_sms != 132:
         pytest.skip("the SM count is the device's")
     if env.emulated:
@@ -124,6 +136,7 @@ def test_knn_scan_selection_edge_cases(env, num_sms):
                 s = (s * 2).round() / 2  # many exact ties
             s[:, torch.randint(0, m, (3,), generator=gen)] = float("nan")
             s[:, torch.randint(0, m, (2,), generator=gen)] = float("-inf")
+            s[:, torch.randint(0, m, (2,), generator=gen)] = float("inf")  # non-finite: never selected
             s[:, :2] = torch.tensor([0.0, -0.0])
         keys = s.reshape(2, 1, m, 1).to(env.dev)
         mask = (torch.rand(2, m, generator=gen) > 0.2).to(env.dev)
@@ -144,16 +157,21 @@ def test_knn_topk_long_memory_splits_and_merges(env, k):
 
 
 def test_unsupported_inputs_are_reported(env):
-    case = make_case(1, 2, 1, 4, 4, 10, 8, device=env.dev)
+    case = make_case(1, 2, 1, 4, 4, 400, 8, device=env.dev)  # M > 300: k = 300 is not capped to M
     assert any("k=300" in r for r in CB.unsupported_reasons("knn_topk", case.query, case.mem_keys, topk=300))
     q64 = case.query.double()
     assert any("float64" in r for r in CB.unsupported_reasons("knn_topk", q64, case.mem_keys, topk=3))
     with pytest.raises(fk.BackendUnavailableError, match="k=300"):
         fk.knn_topk(case.query, case.mem_keys, 300, backend="cuda")
+    assert any("require grad" in r for r in CB.unsupported_reasons("memory_attention", case.query, case.mem_keys,
+                                                                    topk=3, needs_grad=True))  # fmt: skip
+    assert not CB.unsupported_reasons("memory_attention", case.query, case.mem_keys, topk=3)
     q_grad = case.query.clone().requires_grad_()
-    assert any("require grad" in r for r in CB.unsupported_reasons("knn_topk", q_grad, case.mem_keys, topk=3))
+    args = (q_grad, case.key, case.value, case.mem_keys, case.mem_values)
+    with pytest.raises(fk.BackendUnavailableError, match="require grad"):
+        fk.memory_attention(*args, topk=3, backend="cuda")
     with torch.no_grad():
-        assert not CB.unsupported_reasons("knn_topk", q_grad, case.mem_keys, topk=3)
+        fk.memory_attention(*args, topk=3, backend="cuda")
 
 
 # ----------------------------------------------------------------------------- memory_attention
@@ -202,6 +220,182 @@ def test_small_shared_memory_budget_picks_smaller_tiles(emulated, dtype):
         emulated.ops.knn_scan(q, torch.randn(1, 1, 100, 256), None, None, 256)
 
 
+# -------------------------------------------------- non-finite scores (docs/DESIGN.md 3.2)
+# A local key or memory slot whose fp32 score is NaN, +inf or -inf is dropped: never selected,
+# no weight, and its value never meets a zero weight (0 * inf = NaN) either. The cases cover every
+# kernel (knn_scan and its split merge, flash_scan over memory and over the causal local part and
+# its split merge, gather_attention), both product paths (fp32 SIMT, fp16/bf16 tensor cores with
+# cp.async) and whole tiles of dropped keys.
+
+BAD = (float("inf"), float("-inf"), float("nan"))
+# (query dtype, memory dtype): fp32 SIMT, tensor cores, fp32 rows over converted bf16 tiles
+NONFINITE_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                    (torch.float32, torch.bfloat16)]  # fmt: skip
+DTYPE_IDS = ["fp32", "bf16", "fp16", "fp32-bf16mem"]
+# (Lq, Lk, M): a prefill chunk over a memory split across blocks; decoding over a long local cache
+# (the causal part split across blocks)
+NONFINITE_SHAPES = {"prefill": (37, 45, 1500), "decode": (2, 1100, 200)}
+
+
+def _poison_rows(keys, values, slots, gen, *, element=None):
+    """keys[:, :, slots] get one non-finite element (cycling +inf, -inf, NaN), values[:, :, slots]
+    a non-finite row: an fp16 overflow upstream."""
+    for n, slot in enumerate(slots):
+        d = int(torch.randint(0, keys.shape[-1], (1,), generator=gen)) if element is None else element
+        keys[:, :, slot, d] = BAD[n % 3]
+        values[:, :, slot] = BAD[(n + 1) % 3]
+
+
+@pytest.mark.parametrize("topk", [None, 8])
+@pytest.mark.parametrize(("dtype", "mem_dtype"), NONFINITE_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", NONFINITE_SHAPES.values(), ids=NONFINITE_SHAPES.keys())
+def test_nonfinite_keys_and_their_values_are_dropped(env, shape, dtype, mem_dtype, topk):
+    lq, lk, m = shape
+    case = make_case(2, 4, 2, lq, lk, m, 40, dtype=dtype, mem_dtype=mem_dtype, lengths=True, mask=True,
+                     device=env.dev)  # fmt: skip
+    case.mem_lengths[1] = m - 20
+    gen = torch.Generator().manual_seed(lq)
+    _poison_rows(case.mem_keys, case.mem_values, [s for s in (0, 5, 63, 64, 130, 700, m - 21, m - 1) if s < m], gen)
+    _poison_rows(case.mem_keys, case.mem_values, range(min(256, m // 2), min(384, m)), gen)  # whole tiles
+    _poison_rows(case.key, case.value, [0, 3, 17, lk - 1], gen)
+    _poison_rows(case.key, case.value, range(min(512, lk // 2), min(640, lk)), gen, element=39)
+    before = _launches(env)
+    for causal in (True, False):
+        out, lse = _attention_against_reference(env, case, dtype, topk=topk, causal=causal)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    if env.emulated and topk is None:
+        # per call: prefill = local scan + memory scan split across blocks and its merge; decode =
+        # local scan split across blocks and its merge + memory scan
+        assert _launches(env) - before == 2 * 3
+
+
+@pytest.mark.parametrize("topk", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_score_overflow_drops_slots_for_those_queries_only(env, dtype, topk):
+    """Finite keys whose score overflows fp32 for some queries only (1e30 x 1e10 = 1e40 -> +-inf):
+    dropped for those queries, kept (with their values) for the others, also within one tile."""
+    lq, lk, m = 37, 45, 1500
+    case = make_case(2, 4, 2, lq, lk, m, 40, dtype=dtype, lengths=True, device=env.dev)
+    for t in (case.query, case.key, case.mem_keys):
+        t[..., 0] = 0  # column 0 carries the overflow alone: every other product stays exact
+    big_local, big_mem = [1, 20, lk - 1], [3, 64, 65, 400, 1000, m - 1]
+    case.key[:, :, big_local, 0] = torch.tensor([1e30, -1e30, 1e30], dtype=dtype, device=env.dev)
+    case.mem_keys[:, :, big_mem, 0] = torch.tensor([1e30, -1e30] * 3, dtype=dtype, device=env.dev)
+    huge = torch.zeros(2, 4, lq, dtype=torch.bool, device=env.dev)  # the queries that overflow
+    huge[:, :, 5:30:3] = True
+    huge[1, 3] = True  # every row of a query head (one row tile holds G = 2 heads)
+    huge[0, :, -1] = True
+    sign = torch.where(torch.rand(huge.shape, device=env.dev) > 0.5, 1e10, -1e10).to(dtype)
+    case.query[..., 0] = torch.where(huge, sign, torch.zeros_like(sign))
+    # Expected: the huge queries' rows of the same case with those keys made NaN (dropped for
+    # every query, in the reference's float64 oracle too, where 1e40 would not overflow).
+    dropped = dataclasses.replace(case, key=case.key.clone(), mem_keys=case.mem_keys.clone())
+    dropped.key[:, :, big_local, 5] = float("nan")
+    dropped.mem_keys[:, :, big_mem, 5] = float("nan")
+    for causal in (True, False):
+        expected = []
+        for (o_keep, l_keep), (o_drop, l_drop) in zip(_reference_hi_lo(case, topk=topk, causal=causal),
+                                                      _reference_hi_lo(dropped, topk=topk, causal=causal)):  # fmt: skip
+            expected.append((torch.where(huge[..., None], o_drop, o_keep), torch.where(huge, l_drop, l_keep)))
+        out, _ = _attention_against_reference(env, case, dtype, expected=expected, topk=topk, causal=causal)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("topk", [None, 8])
+@pytest.mark.parametrize(("dtype", "mem_dtype"), NONFINITE_DTYPES[:3], ids=DTYPE_IDS[:3])
+def test_nonfinite_query_rows_get_zero_and_minus_inf(env, dtype, mem_dtype, topk):
+    """A query row with a NaN or +-inf element has no finite score: out 0, lse -inf; the other
+    rows of its tile are unaffected (NaN / inf values at dropped keys included)."""
+    lq, lk, m = 37, 45, 700
+    case = make_case(2, 4, 2, lq, lk, m, 40, dtype=dtype, mem_dtype=mem_dtype, mask=True, device=env.dev)
+    bad_rows = torch.zeros(2, 4, lq, dtype=torch.bool, device=env.dev)
+    bad_rows[0, 1, [0, 7, 36]] = True
+    bad_rows[1, 2] = True  # a whole query head
+    for n, (b, h, i) in enumerate(bad_rows.nonzero().tolist()):
+        case.query[b, h, i, n % 40] = BAD[n % 3]
+    _poison_rows(case.mem_keys, case.mem_values, [2, 64, 500], torch.Generator().manual_seed(0))
+    _poison_rows(case.key, case.value, [4, 30], torch.Generator().manual_seed(1))
+    out, lse = _attention_against_reference(env, case, dtype, topk=topk)
+    assert (out[bad_rows] == 0).all() and torch.isneginf(lse[bad_rows]).all()
+    assert torch.isfinite(out).all() and torch.isfinite(lse[~bad_rows]).all()
+    scores, indices = fk.knn_topk(case.query, case.mem_keys, 8, backend="cuda", mem_mask=case.mem_mask)
+    assert torch.isneginf(scores[bad_rows]).all() and (indices[bad_rows] == -1).all()
+
+
+@pytest.mark.parametrize("k", [1, 32, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_knn_never_selects_nonfinite_scores(env, dtype, k):
+    """Exact selection on integer-valued inputs (every fp32 score exact, so the kernel must equal
+    the reference bit for bit, ties to the lower index): +-inf / NaN keys, scores that overflow
+    for some queries only (fp32 / bf16), a memory split across blocks; rows with fewer than k
+    finite candidates are padded with (-inf, -1)."""
+    m = 3000 if env.emulated else 20_000
+    gen = torch.Generator().manual_seed(k)
+    query = torch.randint(-3, 4, (2, 4, 9, 24), generator=gen).to(dtype)
+    mem_keys = torch.randint(-3, 4, (2, 2, m, 24), generator=gen).to(dtype)
+    lengths = torch.tensor([m, 300])  # batch row 1: few slots, mostly non-finite below
+    mask = torch.rand(2, m, generator=gen) > 0.1
+    bad = torch.randint(0, m, (200,), generator=gen)
+    mem_keys[:, :, bad, 7] = torch.tensor(BAD).repeat(67)[:200].to(dtype)
+    mem_keys[1, :, 20:260, 3] = float("inf")
+    mem_keys[:, :, :128, 11] = float("-inf")  # the first tiles of every split-0 block
+    query[:, :, :, 0] = 0
+    if dtype != torch.float16:  # fp16 cannot hold 1e30: its overflow is an inf element, above
+        mem_keys[..., 0] = 0
+        mem_keys[:, :, 1:m:5, 0] = 1e30  # overflows for the queries below only
+        query[:, :, ::2, 0] = 1e10
+    query[0, 1, 4, 2] = float("nan")  # nothing finite at all
+    query, mem_keys, lengths, mask = (t.to(env.dev) for t in (query, mem_keys, lengths, mask))
+    before = _launches(env)
+    scores, indices = fk.knn_topk(query, mem_keys, k, backend="cuda", mem_lengths=lengths, mem_mask=mask)
+    if env.emulated:
+        assert _launches(env) - before == 2, "the memory was not split (scan + merge)"
+    ref_s, ref_i = reference.knn_topk(query.cpu(), mem_keys.cpu(), k, mem_lengths=lengths.cpu(), mem_mask=mask.cpu())
+    assert torch.equal(indices.cpu(), ref_i) and torch.equal(scores.cpu(), ref_s)
+    assert (indices[0, 1, 4] == -1).all() and (k < 256 or (indices[1] == -1).any())  # padding is exercised
+    assert torch.isfinite(scores[indices >= 0]).all()
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_large_finite_logits_are_kept(env, topk):
+    """A finite logit near the fp32 limit (2^127 * 1.5 = 2.6e38, which overflows once multiplied
+    by log2(e)) is kept like any other (the kernels keep logits in natural-log units), never
+    turned into a silent (0, -inf) row; one beyond the fp32 range is reported as NaN, as by the
+    reference, not as (0, -inf) either."""
+    case = make_case(1, 2, 1, 5, 6, 300, 4, device=env.dev)
+    for t in (case.query, case.key, case.mem_keys):
+        t[..., 0] = 0
+    case.query[0, 0, 2] = torch.tensor([2.0**63, 0, 0, 0])
+    case.mem_keys[0, 0, 7, 0] = 2.0**64  # score 2^127 for query (0, 0, 2), 0 for every other one
+    out, lse = _attention_against_reference(env, case, torch.float32, topk=topk, softmax_scale=1.5)
+    assert torch.equal(out[0, 0, 2], case.mem_values[0, 0, 7]) and lse[0, 0, 2].item() == 1.5 * 2.0**127
+    out = fk.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, topk=topk,
+                              softmax_scale=3.0, backend="cuda")  # fmt: skip
+    assert torch.isnan(out[0, 0, 2]).all() and torch.isfinite(out[0, 1]).all()
+
+
+def test_gather_attention_drops_nonfinite_scores(env):
+    """gather_attention on its own: selected entries whose score is NaN / +-inf get no weight and
+    their (inf / NaN) values are never read; a row left with nothing gets (0, -inf)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(1, 2, 6, 10, generator=gen)
+    indices = torch.randperm(40, generator=gen)[:10].repeat(1, 2, 6, 1)
+    values = torch.randn(1, 2, 40, 24, generator=gen)
+    for n, j in enumerate([0, 3, 9]):
+        scores[:, :, :, j] = BAD[n]
+        values[:, :, indices[0, 0, 0, j]] = BAD[(n + 2) % 3]
+    scores[0, 1, 5] = torch.tensor(BAD).repeat(4)[:10]  # nothing finite in this row
+    keep = torch.isfinite(scores)
+    w = torch.softmax((scores.double() * 0.3).masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    v = values.double().gather(2, indices.flatten(2)[..., None].expand(-1, -1, -1, 24)).view(1, 2, 6, 10, 24)
+    expected = (w[..., None] * v.masked_fill(~keep[..., None], 0)).sum(-2)
+    expected_lse = torch.logsumexp((scores.double() * 0.3).masked_fill(~keep, float("-inf")), -1)
+    out, lse = env.ops.gather_attention(scores.to(env.dev), indices.to(env.dev), values.to(env.dev), 0.3)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.cpu().double(), expected_lse, rtol=1e-5, atol=1e-6)
+    assert (out[0, 1, 5] == 0).all() and torch.isneginf(lse[0, 1, 5])
+
+
 # ------------------------------------------------------------------------------ custom ops
 
 
@@ -218,6 +412,20 @@ def _op_samples(env):
         "flash_scan": [(q, mk, mv, lengths, mask, 0.2, 0), (q.bfloat16(), mk, mv, None, None, 0.2, 3)],
         "gather_attention": [(scores, indices, mv, 0.2)],
     }
+
+
+def test_ops_implement_the_package_schemas(env):
+    """One namespace: csrc/cuda registers implementations only (TORCH_LIBRARY_IMPL), for the
+    schemas fot_kernels._library defines (torch.ops.fot; the emulator's build: the same schemas
+    under fot_cuda_emu, for CPU tensors). No schema is written in the C++ sources."""
+    namespace, key = ("fot_cuda_emu", "CPU") if env.emulated else ("fot", "CUDA")
+    for name, schema in _library.SCHEMAS.items():
+        assert str(getattr(env.ops, name).default._schema) == f"{namespace}::{name}{schema}"
+        assert _library.has_kernel(name, key, namespace), (name, key)
+    src = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    for path in sorted(p for p in src.iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h")):
+        text = path.read_text()
+        assert "TORCH_LIBRARY(" not in text and "TORCH_LIBRARY_FRAGMENT(" not in text and ".def(" not in text, path
 
 
 @pytest.mark.parametrize("name", ["knn_scan", "flash_scan", "gather_attention"])
@@ -270,6 +478,15 @@ def test_results_do_not_depend_on_thread_or_block_order(emulated):
     keys, values = torch.randn(1, 2, 4200, 100), torch.randn(1, 2, 4200, 100)
     lengths = torch.tensor([4000])
     mask = torch.rand(1, 4200) > 0.1
+    # dropped keys (non-finite, with inf / NaN values that must be zeroed before P @ V), a whole
+    # tile of them, overflowing scores, and a NaN query row
+    keys[:, :, [5, 40, 2000], 7] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    keys[:, :, 1024:1100, 3] = float("inf")
+    keys[:, :, 60, 0] = 1e30
+    q[:, :, ::3, 0] = 1e10
+    values[:, :, [5, 40, 60, 2000]] = torch.tensor([float("nan"), float("inf"), 1.0, float("-inf")])[:, None]
+    values[:, :, 1024:1100] = float("inf")
+    q[0, 1, 9] = float("nan")
 
     def run():
         outs = []
@@ -283,6 +500,7 @@ def test_results_do_not_depend_on_thread_or_block_order(emulated):
 
     cuda_emu.configure(schedule="forward")
     base = run()
+    assert not any(torch.isnan(x).any() for x in base if x.is_floating_point())
     for schedule, seed in (("reverse", 0), ("shuffle", 1), ("shuffle", 2)):
         cuda_emu.configure(schedule=schedule, seed=seed)
         for a, b in zip(base, run()):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import fot_kernels as fk
 from fot_kernels.backends import reference
 from fot_kernels.testing import assert_close_to_reference, check_knn
+
 from _inputs import make_case
 
 shapes = st.fixed_dictionaries(
@@ -32,7 +33,11 @@ shapes = st.fixed_dictionaries(
         "seed": st.integers(0, 2**31 - 1),
     }
 )
-SETTINGS = settings(max_examples=int(os.environ.get("FOT_KERNELS_HYPOTHESIS_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("FOT_KERNELS_HYPOTHESIS_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 def _case(p):

@@ -20,17 +20,17 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import DEVICE  # noqa: E402
+from conftest import DEVICE
 
-from fot_kernels import ops  # noqa: E402
-from fot_kernels.backends import reference as R  # noqa: E402
-from fot_kernels.backends import triton as TB  # noqa: E402
-from fot_kernels.testing import assert_close_to_reference, check_knn  # noqa: E402
+from fot_kernels import ops
+from fot_kernels.backends import reference as R
+from fot_kernels.backends import triton as TB
+from fot_kernels.testing import assert_close_to_reference, check_knn
 
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from _inputs import make_case  # noqa: E402
+from _inputs import make_case
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -43,7 +43,8 @@ def _attn(c, *, topk, causal=True, scale=None, local=True, splits=None):
     scale = c.query.shape[-1] ** -0.5 if scale is None else scale
     key, value = (c.key, c.value) if local else (None, None)
     return TB.memory_attention(c.query, key, value, c.mem_keys, c.mem_values, topk=topk, causal=causal,
-                               softmax_scale=scale, mem_lengths=c.mem_lengths, mem_mask=c.mem_mask, splits=splits)  # fmt: skip
+                               softmax_scale=scale, mem_lengths=c.mem_lengths, mem_mask=c.mem_mask,
+                               splits=splits)  # fmt: skip
 
 
 def _reference_pair(c, *, topk, causal=True, scale=None, local=True):
@@ -52,8 +53,9 @@ def _reference_pair(c, *, topk, causal=True, scale=None, local=True):
     out = []
     for case in (c.to(torch.float64), c):
         key, value = (case.key, case.value) if local else (None, None)
-        out.append(R.memory_attention(case.query, key, value, case.mem_keys, case.mem_values, topk=topk, causal=causal,
-                                      softmax_scale=scale, mem_lengths=case.mem_lengths, mem_mask=case.mem_mask))  # fmt: skip
+        out.append(R.memory_attention(case.query, key, value, case.mem_keys, case.mem_values, topk=topk,
+                                      causal=causal, softmax_scale=scale, mem_lengths=case.mem_lengths,
+                                      mem_mask=case.mem_mask))  # fmt: skip
     return out
 
 
@@ -83,7 +85,8 @@ def _check_attention(c, *, topk, causal=True, scale=None, local=True, splits=Non
 def test_knn_topk_matches_reference(poison_empty, q_heads, kv_heads, len_q, slots, head_dim, k, dtype, mem_dtype,
                                     lengths, mask):  # fmt: skip
     c = make_case(q_heads=q_heads, kv_heads=kv_heads, len_q=len_q, len_k=None, slots=slots, head_dim=head_dim,
-                  dtype=dtype, mem_dtype=mem_dtype, lengths=lengths, mask=mask, device=DEVICE, strided_memory=True)  # fmt: skip
+                  dtype=dtype, mem_dtype=mem_dtype, lengths=lengths, mask=mask, device=DEVICE,
+                  strided_memory=True)  # fmt: skip
     scores, indices = _knn(c.query, c.mem_keys, k, lengths=c.mem_lengths, mask=c.mem_mask)
     check_knn(scores, indices, c.query, c.mem_keys, k, mem_lengths=c.mem_lengths, mem_mask=c.mem_mask)
 
@@ -115,8 +118,9 @@ def test_knn_ties_keep_lower_index(poison_empty):
 
 
 def test_knn_nan_and_neg_inf_scores(poison_empty):
-    """NaN keys are never selected and do not disturb other slots; a valid slot scoring -inf is
-    selected after every finite one and before the (-inf, -1) padding."""
+    """NaN keys are never selected and do not disturb other slots; a valid slot scoring exactly
+    -inf is not selected either (docs/DESIGN.md 3.2), even with k above the number of finite candidates:
+    the tail is (-inf, -1) padding."""
     c = make_case(q_heads=2, kv_heads=2, len_q=3, len_k=None, slots=40, head_dim=8, device=DEVICE)
     q = c.query.clone()
     q[..., 0] = q[..., 0].abs() + 0.5  # so that a key (-inf, 0, ...) scores exactly -inf
@@ -128,12 +132,11 @@ def test_knn_nan_and_neg_inf_scores(poison_empty):
     lengths = torch.tensor([35, 40], device=DEVICE)
     scores, indices = _knn(q, mk, 40, lengths=lengths)
     ref_s, ref_i = R.knn_topk(q, mk, 40, mem_lengths=lengths)
-    assert not (indices == 7).any() and not (indices[:, 1] == 20).any()
+    assert not (indices == 7).any() and not (indices[:, 1] == 20).any() and not (indices == 30).any()
     assert torch.equal(indices.cpu(), ref_i.cpu())
     torch.testing.assert_close(scores.cpu(), ref_s.cpu(), atol=1e-5, rtol=1e-5)
-    n_valid = (indices >= 0).sum(-1)
-    last = indices.gather(-1, (n_valid - 1)[..., None])[..., 0]
-    assert (last == 30).all()  # the -inf slot is the last selected one
+    n_finite = torch.tensor([[33, 32], [38, 37]], device=DEVICE)[..., None]  # valid minus NaN and -inf slots
+    assert torch.equal((indices >= 0).sum(-1), n_finite.expand(-1, -1, 3))
 
 
 def test_knn_empty_memory_and_zero_lengths(poison_empty):
@@ -164,7 +167,8 @@ def test_knn_empty_memory_and_zero_lengths(poison_empty):
 def test_memory_attention_matches_reference(poison_empty, topk, q_heads, kv_heads, len_q, len_k, slots, head_dim,
                                             dtype, mem_dtype, causal):  # fmt: skip
     c = make_case(q_heads=q_heads, kv_heads=kv_heads, len_q=len_q, len_k=len_k, slots=slots, head_dim=head_dim,
-                  dtype=dtype, mem_dtype=mem_dtype, lengths=True, mask=True, device=DEVICE, strided_memory=True)  # fmt: skip
+                  dtype=dtype, mem_dtype=mem_dtype, lengths=True, mask=True, device=DEVICE,
+                  strided_memory=True)  # fmt: skip
     _check_attention(c, topk=topk, causal=causal)
 
 
@@ -190,7 +194,7 @@ def test_rows_without_candidates_give_zero_and_neg_inf(poison_empty):
 def test_nan_memory_key_is_dropped(poison_empty, topk):
     c = make_case(q_heads=2, kv_heads=2, len_q=4, len_k=6, slots=50, head_dim=20, device=DEVICE)
     c.mem_keys[:, :, 11, 3] = float("nan")
-    out, lse = _check_attention(c, topk=topk)
+    out, _ = _check_attention(c, topk=topk)
     assert not torch.isnan(out).any()
 
 
@@ -229,11 +233,13 @@ def test_unsupported_reasons(monkeypatch):
     assert any("float64" in r for r in TB.unsupported_reasons("knn_topk", q.double(), mk))
     # fp32 products keep at most 64 on chip; bf16 at D = 128 up to 128
     assert any("not served on chip" in r for r in TB.unsupported_reasons("knn_topk", q, mk, topk=100))
-    q16, mk16 = torch.randn(1, 2, 3, 128, device=DEVICE).bfloat16(), torch.randn(1, 2, 10, 128, device=DEVICE).bfloat16()
+    q16 = torch.randn(1, 2, 3, 128, device=DEVICE).bfloat16()
+    mk16 = torch.randn(1, 2, 10, 128, device=DEVICE).bfloat16()
     assert TB.unsupported_reasons("memory_attention", q16, mk16, mem_values=mk16, topk=128) == []
     assert TB.unsupported_reasons("memory_attention", q16, mk16, mem_values=mk16, topk=129) != []
     wide = torch.randn(1, 2, 3, 300, device=DEVICE)
-    assert any("head_dim 300" in r for r in TB.unsupported_reasons("knn_topk", wide, torch.randn(1, 2, 4, 300, device=DEVICE)))
+    wide_mk = torch.randn(1, 2, 4, 300, device=DEVICE)
+    assert any("head_dim 300" in r for r in TB.unsupported_reasons("knn_topk", wide, wide_mk))
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         assert any("TRITON_INTERPRET" in r for r in TB.unsupported_reasons("knn_topk", q, mk, topk=4))
@@ -256,3 +262,214 @@ def test_invalid_slot_with_nan_value_does_not_poison(poison_empty, topk):
     out = run()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, clean, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ non-finite scores (docs/DESIGN.md 3.2)
+
+INF, NAN = float("inf"), float("nan")
+
+
+def _fp32_keep(q, keys):
+    """Whether each unscaled score of q [B, Hq, Lq, D] against keys [B, Hkv, N, D] is finite, decided
+    in fp32 as the kernels score -> bool [B, Hq, Lq, N]. A row with a NaN/inf element scores
+    non-finite against every partner (inf * 0 is NaN), so it is dropped outright; finite rows are
+    multiplied, and a product that overflows fp32 is dropped too."""
+    k = keys.float().repeat_interleave(q.shape[1] // keys.shape[1], 1)
+    q_ok, k_ok = torch.isfinite(q).all(-1), torch.isfinite(k).all(-1)
+    s = torch.where(q_ok[..., None], q.float(), 0.0) @ torch.where(k_ok[..., None], k, 0.0).transpose(-1, -2)
+    return torch.isfinite(s) & q_ok[..., :, None] & k_ok[..., None, :]
+
+
+def _expected_attention(c, *, topk, causal=True, dtype=torch.float64):
+    """The contract's output from first principles: one softmax, computed in ``dtype``, over the
+    candidates kept under the fp32 drop rule (kNN: the reference's fp32 selection). Non-finite
+    values only sit at non-finite keys in these tests, and those value rows are never read.
+    Returns (out in the query's dtype, lse fp32/fp64)."""
+    batch, heads, len_q, head_dim = c.query.shape
+    rep = heads // c.mem_keys.shape[1]
+    q = c.query.to(dtype)
+    parts = []  # (keep [B, Hq, Lq, N], keys, values)
+    if c.key is not None:
+        keep = _fp32_keep(c.query, c.key)
+        if causal:
+            keep &= R.causal_allowed(len_q, c.key.shape[2], c.query.device)
+        parts.append((keep, c.key, c.value))
+    keep = _fp32_keep(c.query, c.mem_keys)
+    keep &= R.valid_slots(batch, c.mem_keys.shape[2], c.mem_lengths, c.mem_mask, c.query.device)[:, None, None, :]
+    if topk is not None:
+        _, idx = R.knn_topk(c.query, c.mem_keys, topk, mem_lengths=c.mem_lengths, mem_mask=c.mem_mask)
+        chosen = torch.zeros_like(keep)
+        chosen.scatter_(-1, idx.clamp_min(0), idx >= 0)
+        keep &= chosen
+    parts.append((keep, c.mem_keys, c.mem_values))
+    logits, weighted = [], []
+    for keep, keys, values in parts:
+        k = torch.nan_to_num(keys.to(dtype), 0.0, 0.0, 0.0).repeat_interleave(rep, 1)
+        v = torch.nan_to_num(values.to(dtype), 0.0, 0.0, 0.0).repeat_interleave(rep, 1)
+        s = torch.nan_to_num(q, 0.0, 0.0, 0.0) @ k.transpose(-1, -2) * head_dim**-0.5
+        logits.append(torch.where(keep, s, -INF))
+        weighted.append((keep, v))
+    all_logits = torch.cat(logits, -1)
+    lse = torch.logsumexp(all_logits, -1)
+    p = torch.exp(all_logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out, start = 0.0, 0
+    for keep, v in weighted:
+        out = out + torch.where(keep, p[..., start : start + keep.shape[-1]], 0.0) @ v
+        start += keep.shape[-1]
+    return out.to(c.query.dtype), lse
+
+
+def _check_nonfinite(c, *, topk, causal=True, splits=None, reference=True):
+    """Kernel against the first-principles expectation (2x rule, float64 vs fp32), NaN-free; and
+    against the reference pair when its float64 run drops the same candidates (``reference``)."""
+    out, lse = _attn(c, topk=topk, causal=causal, splits=splits)
+    pairs = [(_expected_attention(c, topk=topk, causal=causal),
+              _expected_attention(c, topk=topk, causal=causal, dtype=torch.float32))]  # fmt: skip
+    if reference:
+        pairs.append(_reference_pair(c, topk=topk, causal=causal))
+    for (o_hi, l_hi), (o_lo, l_lo) in pairs:
+        assert_close_to_reference(out.cpu(), o_hi.cpu(), o_lo.cpu(), name="out")
+        assert_close_to_reference(lse.cpu(), l_hi.cpu(), l_lo.float().cpu(), name="lse")
+    return out, lse
+
+
+def _poison(keys, values, slots):
+    """Non-finite keys at ``slots`` (4 of them), with non-finite values (an fp16 overflow upstream
+    makes both): +inf element, -inf element (the rest zero: the score is exactly +-inf), a NaN
+    element, and an inf element among finite ones."""
+    a, b, n, m = slots
+    keys[:, :, a] = 0.0
+    keys[:, :, a, 0] = INF
+    keys[:, :, b] = 0.0
+    keys[:, :, b, 1] = -INF
+    keys[:, :, n, 3] = NAN
+    keys[:, :, m, 2] = INF
+    values[:, :, a] = INF
+    values[:, :, b] = -INF
+    values[:, :, n] = NAN
+    values[:, :, m, 5] = INF
+
+
+def _poison_queries(q):
+    """A NaN query row and an inf query row (batch row 0): every score of both is non-finite."""
+    q[0, 1, 2, 4] = NAN
+    q[0, -1, -1, 0] = INF
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["fp32", "bf16", "fp16"])
+def test_knn_non_finite_scores_are_never_selected(poison_empty, dtype, splits):
+    """+inf, -inf and NaN scores (non-finite keys in several tiles and splits, NaN/inf query rows,
+    a finite key whose score overflows fp32 for some queries only) are never selected; the -inf
+    ones not even when a row has fewer than k finite candidates."""
+    c = make_case(q_heads=4, kv_heads=2, len_q=5, len_k=None, slots=150, head_dim=16, dtype=dtype, device=DEVICE)
+    q, mk, mv = c.query.clone(), c.mem_keys.clone(), c.mem_values.clone()
+    _poison(mk, mv, (3, 70, 100, 140))
+    mk[:, :, 120, 0] = 1e30  # finite (in fp32/bf16): scores ~1e30, +-inf for the 1e9 queries below
+    q[:, :, 1, 0] = 1e9
+    q[:, :, 3, 0] = -1e9
+    _poison_queries(q)
+    lengths = torch.tensor([150, 20], device=DEVICE)  # batch row 1: 19 finite candidates < k (slot 3 is +-inf)
+    scores, indices = _knn(q, mk, 24, lengths=lengths, splits=splits)
+    ref_s, ref_i = R.knn_topk(q, mk, 24, mem_lengths=lengths)
+    keep = _fp32_keep(q, mk)
+    picked = indices >= 0
+    assert keep.gather(-1, indices.clamp_min(0))[picked].all(), "a non-finite score was selected"
+    assert torch.isfinite(scores[picked]).all() and torch.isneginf(scores[~picked]).all()
+    assert not picked[0, 1, 2].any() and not picked[0, -1, -1].any()  # NaN / inf query rows
+    # batch row 1: every finite candidate and nothing else (fp16: the 1e9 queries are inf rows)
+    assert torch.equal(picked[1].sum(-1), torch.where(torch.isfinite(q[1]).all(-1), 19, 0))
+    assert torch.equal(indices.cpu(), ref_i.cpu())
+    torch.testing.assert_close(scores.cpu(), ref_s.cpu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "topk,splits,dtype",
+    [(None, None, F32), (None, None, BF16), (None, None, F16), (6, 1, F32), (6, 3, BF16), (6, 3, F16), (6, 1, F16)],
+    ids=["dense-fp32", "dense-bf16", "dense-fp16", "knn-fp32", "knn-bf16-splits3", "knn-fp16-splits3", "knn-fp16"],
+)
+def test_non_finite_keys_are_dropped_in_attention(poison_empty, topk, splits, dtype):
+    """Local and memory keys scoring +inf, -inf or NaN contribute nothing, their inf/NaN values
+    included; NaN/inf query rows and rows whose every candidate is dropped give out 0, lse -inf."""
+    c = make_case(q_heads=4, kv_heads=2, len_q=6, len_k=10, slots=150, head_dim=16, dtype=dtype, lengths=True,
+                  mask=True, device=DEVICE)  # fmt: skip
+    _poison(c.mem_keys, c.mem_values, (3, 70, 100, 140))
+    _poison(c.key, c.value, (1, 4, 6, 9))  # row i sees local keys j <= i + 4
+    _poison_queries(c.query)
+    c.mem_keys[1, :, :, 7] = INF  # batch row 1: every memory key non-finite ...
+    c.mem_values[1, :, ::2] = NAN
+    c.key[1, :, :, 0] = NAN  # ... and every local key: nothing to attend to
+    out, lse = _check_nonfinite(c, topk=topk, splits=splits)
+    empty = torch.zeros_like(lse, dtype=torch.bool)
+    empty[0, 1, 2] = empty[0, -1, -1] = empty[1] = True
+    assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+    assert torch.isfinite(out).all() and torch.isfinite(lse[~empty]).all()
+
+
+@pytest.mark.parametrize(
+    "topk,dtype", [(None, F32), (None, BF16), (5, F32), (5, BF16)],
+    ids=["dense-fp32", "dense-bf16", "knn-fp32", "knn-bf16"],
+)  # fmt: skip
+def test_score_overflowing_for_some_queries_only(poison_empty, topk, dtype):
+    """A finite key with a 1e30 element (memory and local) scores about 1 for ordinary queries
+    (whose element there is 1e-30) and overflows fp32 to +-inf for queries with a 1e9 element
+    there: dropped for those rows only. The drop is decided on the fp32 score, so the expectation
+    is computed from first principles (the float64 reference does not overflow)."""
+    c = make_case(q_heads=2, kv_heads=1, len_q=6, len_k=10, slots=90, head_dim=16, dtype=dtype, device=DEVICE)
+    c.mem_keys[..., :2] = 0.0
+    c.key[..., :2] = 0.0
+    c.mem_keys[:, :, 40, 0] = 1e30
+    c.key[:, :, 9, 1] = 1e30  # row i sees local keys j <= i + 4: only row 5 sees key 9
+    c.query[..., :2] = 1e-30
+    c.query[:, :, 1, 0] = 1e9  # memory slot 40 scores +inf
+    c.query[:, :, 3, 0] = -1e9  # -inf
+    c.query[:, 0, 5, 1] = 1e9  # local key 9 scores +inf (query head 0), -inf (head 1)
+    c.query[:, 1, 5, 1] = -1e9
+    out, lse = _check_nonfinite(c, topk=topk, reference=False)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("topk", [None, 4], ids=["dense", "knn"])
+def test_row_without_candidates_reads_no_value(poison_empty, topk):
+    """An inf value at a finite key reaches every row that attends to it (inf out, never a silent
+    finite one), but not a row of the same tile with no candidate at all (a NaN query): 0, -inf."""
+    c = make_case(q_heads=2, kv_heads=1, len_q=4, len_k=8, slots=20, head_dim=16, device=DEVICE)
+    c.value[:, :, 3] = INF
+    c.query[0, 0, 1, 2] = NAN
+    out, lse = _attn(c, topk=topk, causal=False)
+    empty = torch.zeros_like(lse, dtype=torch.bool)
+    empty[0, 0, 1] = True
+    assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+    assert torch.isposinf(out[~empty]).all() and torch.isfinite(lse[~empty]).all()
+
+
+# ------------------------------------------------------------------------------ launcher guards
+
+
+def test_local_and_memory_kv_heads_must_match(poison_empty):
+    """The kernels index local keys with the memory's kv head: the launcher refuses other shapes
+    even when called directly (the public ops' validation rejects them first)."""
+    c = make_case(q_heads=4, kv_heads=2, len_q=3, len_k=5, slots=20, head_dim=16, device=DEVICE)
+    key, value = c.key[:, :1], c.value[:, :1]
+    with pytest.raises(ValueError, match=r"\(2, 1, 5, 16\).*\(2, 2, 20, 16\)"):
+        TB.memory_attention(c.query, key, value, c.mem_keys, c.mem_values, topk=None, causal=True, softmax_scale=0.25,
+                            mem_lengths=None, mem_mask=None)  # fmt: skip
+    with pytest.raises(ValueError, match="kv heads"):
+        ops.memory_attention(c.query, key, value, c.mem_keys, c.mem_values, backend="triton")
+
+
+def test_inputs_requiring_grad_are_refused(poison_empty):
+    """No backward kernels yet (docs/DESIGN.md 3.4): an input that requires grad is refused with the
+    reason, never served with an output detached from the graph; under no_grad it runs."""
+    c = make_case(q_heads=2, kv_heads=1, len_q=3, len_k=4, slots=30, head_dim=16, device=DEVICE)
+    q = c.query.clone().requires_grad_()
+    with pytest.raises(ops.BackendUnavailableError, match="triton: inputs require grad"):
+        ops.memory_attention(q, c.key, c.value, c.mem_keys, c.mem_values, topk=4, backend="triton")
+    mv = c.mem_values.clone().requires_grad_()
+    with pytest.raises(ops.BackendUnavailableError, match="triton: inputs require grad"):
+        ops.knn_attention(c.query, c.mem_keys, mv, topk=None, backend="triton")
+    with torch.no_grad():
+        out = ops.memory_attention(q, c.key, c.value, c.mem_keys, c.mem_values, topk=4, backend="triton")
+    ref = R.memory_attention(c.query, c.key, c.value, c.mem_keys, c.mem_values, topk=4)[0]
+    assert not out.requires_grad
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -69,10 +69,11 @@ def _kernel(name: str):
 
 # pointer argument types per kernel; the dtype variants override Q/MK/...
 _PTRS = {
-    "scan": {"Q": "*bf16", "MK": "*bf16", "MLEN": "*i64", "MMASK": "*u8", "OUT_S": "*fp32", "OUT_I": "*i64", "PART": "*i64"},
+    "scan": {"Q": "*bf16", "MK": "*bf16", "MLEN": "*i64", "MMASK": "*u8", "OUT_S": "*fp32", "OUT_I": "*i64",
+             "PART": "*i64"},
     "merge": {"PART": "*i64", "OUT_S": "*fp32", "OUT_I": "*i64"},
     "attn": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MK": "*bf16", "MV": "*bf16", "IDX": "*i64", "MLEN": "*i64",
-             "MMASK": "*u8", "O": "*bf16", "LSE": "*fp32"},
+             "MMASK": "*u8", "OUT": "*bf16", "LSE": "*fp32"},
 }  # fmt: skip
 _FLOATS = {"qk_scale"}
 
@@ -84,8 +85,8 @@ _SCAN_DTYPES = [
 ]
 _ATTN_DTYPES = [
     ("bf16", {}, (False, False)),
-    ("fp32", {n: "*fp32" for n in ("Q", "K", "V", "MK", "MV", "O")}, (True, True)),
-    ("fp32q-bf16mem", {"Q": "*fp32", "K": "*fp32", "V": "*fp32", "O": "*fp32"}, (True, True)),
+    ("fp32", dict.fromkeys(("Q", "K", "V", "MK", "MV", "OUT"), "*fp32"), (True, True)),
+    ("fp32q-bf16mem", {"Q": "*fp32", "K": "*fp32", "V": "*fp32", "OUT": "*fp32"}, (True, True)),
 ]
 
 
@@ -102,8 +103,11 @@ def shipped_cases() -> list[Case]:
             for final in (True, False) if label == "bf16" else (True,):  # the split epilogue is dtype-free
                 const = dict(BM=cfg.BM, BN=cfg.BN, BD=bd, DC=cfg.DC, K=cfg.K, HAS_LEN=True, HAS_MASK=True,
                              DOT_FP32=fp32, INTERPRET=False, FINAL=final, OFF64=False)  # fmt: skip
-                name = f"K{cfg.K} BD{bd} DC{cfg.DC} BM{cfg.BM} BN{cfg.BN} w{cfg.num_warps} {label}{'' if final else ' split'}"
-                cases[Case("scan", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps, cfg.num_stages)] = None
+                name = f"K{cfg.K} BD{bd} DC{cfg.DC} BM{cfg.BM} BN{cfg.BN} w{cfg.num_warps} {label}"
+                name += "" if final else " split"
+                case = Case("scan", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps,
+                            cfg.num_stages)  # fmt: skip
+                cases[case] = None
         bm = C.knn_merge_block(cfg.K)
         cases[Case("merge", f"K{cfg.K} BM{bm} w4", (("BM", bm), ("K", cfg.K)), (), 4, 1)] = None
     for bd, rows, mode, fp32 in C.shipped_attn_configs():
@@ -114,7 +118,9 @@ def shipped_cases() -> list[Case]:
             const = dict(BM=cfg.BM, BN=cfg.BN, BD=bd, HAS_LOCAL=True, CAUSAL=True, MEM_MODE=mode, HAS_LEN=True,
                          HAS_MASK=True, LOCAL_FP32=lf, MEM_FP32=mf, INTERPRET=False, OFF64=False)  # fmt: skip
             name = f"BD{bd} BM{cfg.BM} BN{cfg.BN} w{cfg.num_warps} mem{['-', 'dense', 'knn'][mode]} {label}"
-            cases[Case("attn", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps, cfg.num_stages)] = None
+            case = Case("attn", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps,
+                        cfg.num_stages)  # fmt: skip
+            cases[case] = None
     return list(cases)
 
 
@@ -138,7 +144,7 @@ def compile_case(case: Case, arch: int) -> dict:
     # torch allocations are 16-byte aligned: the runtime would specialise the pointers likewise
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
     src = triton.compiler.ASTSource(fn, signature, const, attrs)
-    target = triton.backends.compiler.GPUTarget("cuda", arch, 32)
+    target = GPUTarget("cuda", arch, 32)
     from fot_kernels.backends.triton._configs import MAXNREG
 
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages, "maxnreg": MAXNREG}
@@ -186,8 +192,9 @@ def format_table(results: dict) -> str:
     for case in dict.fromkeys(c for c, _ in results):
         cells = []
         for arch in ARCHS:
-            res, err = results[(case, arch)]
-            cells.append(("ERROR" if res is None else f"{res['reg']:>3} {res['stack']:>5} {res['spill']:>5} {res['smem']:>7}").ljust(30))
+            res, _ = results[(case, arch)]
+            cell = "ERROR" if res is None else f"{res['reg']:>3} {res['stack']:>5} {res['spill']:>5} {res['smem']:>7}"
+            cells.append(cell.ljust(30))
         lines.append(f"{case.kernel:6} {case.label:52} " + "       ".join(cells))
     return "\n".join(lines)
 
@@ -246,6 +253,7 @@ if __name__ == "__main__":
     results = compile_all(shipped_cases())
     print(format_table(results))
     if len(sys.argv) == 3 and sys.argv[1] == "--json":
-        rows = [{"kernel": c.kernel, "label": c.label, "arch": a, "result": r, "error": e} for (c, a), (r, e) in results.items()]
+        rows = [{"kernel": c.kernel, "label": c.label, "arch": a, "result": r, "error": e}
+                for (c, a), (r, e) in results.items()]  # fmt: skip
         with open(sys.argv[2], "w") as f:
             json.dump(rows, f)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fot_kernels as fk
+
 from _inputs import make_case
 
 
@@ -29,18 +30,23 @@ BAD = [
     (dict(query=torch.randint(0, 3, (2, 4, 5, 16))), TypeError, "query must have dtype"),
     (dict(mem_keys=torch.randn(3, 2, 30, 16)), ValueError, "mem_keys batch size"),
     (dict(mem_keys=torch.randn(2, 2, 30, 8)), ValueError, "mem_keys head dim"),
-    (dict(mem_keys=torch.randn(2, 3, 30, 16), mem_values=torch.randn(2, 3, 30, 16)), ValueError, "multiple of mem_keys heads"),
+    (dict(mem_keys=torch.randn(2, 3, 30, 16), mem_values=torch.randn(2, 3, 30, 16)), ValueError,
+     "multiple of mem_keys heads"),
     (dict(mem_values=torch.randn(2, 2, 31, 16)), ValueError, "mem_values must have the shape of mem_keys"),
-    (dict(mem_keys=torch.randn(2, 2, 16, 30).transpose(-1, -2)), ValueError, "mem_keys must be contiguous in its last dim"),
+    (dict(mem_keys=torch.randn(2, 2, 16, 30).transpose(-1, -2)), ValueError,
+     "mem_keys must be contiguous in its last dim"),
     (dict(key=torch.randn(2, 2, 6, 8)), ValueError, "value must have the shape of key"),
     (dict(key=None), ValueError, "key and value must both be given"),
     (dict(key=torch.randn(2, 3, 6, 16), value=torch.randn(2, 3, 6, 16)), ValueError, "multiple of key heads"),
-    (dict(topk=0), ValueError, "topk must be >= 1"),
+    # local keys with 1 kv head, memory with 2: each divides Hq = 4, but they must be equal
+    (dict(key=torch.randn(2, 1, 6, 16), value=torch.randn(2, 1, 6, 16)), ValueError,
+     re.escape("same number of kv heads, got key shape (2, 1, 6, 16) and mem_keys shape (2, 2, 30, 16)")),
+    (dict(topk=0), ValueError, r"topk must be in \[1, "),
     (dict(topk=2.5), TypeError, "topk must be an int"),
     (dict(topk=True), TypeError, "topk must be an int"),
     (dict(causal=1), TypeError, "causal must be a bool"),
     (dict(softmax_scale="a"), TypeError, "softmax_scale must be a float"),
-    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
+    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite float"),
     (dict(mem_lengths=[30, 30]), TypeError, "mem_lengths must be a torch.Tensor"),
     (dict(mem_lengths=torch.tensor([30.0, 1.0])), TypeError, "mem_lengths must have an integer dtype"),
     (dict(mem_lengths=torch.tensor([30])), ValueError, r"mem_lengths must have shape \[B\]"),
@@ -51,7 +57,8 @@ BAD = [
     (dict(backend="gpu"), ValueError, "backend must be 'auto' or one of"),
     (dict(backend=3), TypeError, "backend must be a str"),
     (dict(query=torch.randn(2, 4, 5, 300), key=torch.randn(2, 2, 6, 300), value=torch.randn(2, 2, 6, 300),
-          mem_keys=torch.randn(2, 2, 30, 300), mem_values=torch.randn(2, 2, 30, 300)), ValueError, "head dim must be in"),
+          mem_keys=torch.randn(2, 2, 30, 300), mem_values=torch.randn(2, 2, 30, 300)), ValueError,
+     "head dim must be in"),
 ]
 
 
@@ -80,7 +87,8 @@ def test_merge_attention_rejects():
 
 def test_explicit_backend_that_cannot_serve_lists_reasons():
     c = make_case(1, 2, 1, 3, 3, 10, 8)
-    with pytest.raises(fk.BackendUnavailableError, match=r"backend 'cuda' can serve knn_topk[\s\S]*cuda: .*CUDA tensors"):
+    want = r"backend 'cuda' cannot serve knn_topk[\s\S]*cuda: .*CUDA tensors"
+    with pytest.raises(fk.BackendUnavailableError, match=want):
         fk.knn_topk(c.query, c.mem_keys, 2, backend="cuda")
     assert issubclass(fk.BackendUnavailableError, ValueError)
 
@@ -110,4 +118,4 @@ def test_streaming_backend_serves_any_device_and_matches_cpu():
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
     from fot_kernels.backends import auto_order
 
-    assert auto_order("cuda")[-1] == "streaming" and auto_order("cpu") == ("cpu",)
+    assert auto_order("cuda")[-1] == "streaming" and auto_order("cpu") == ("cpu", "streaming")

@@ -7,11 +7,12 @@ namespace fot_cuda {
 namespace {
 
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
 
 struct FlashLayout {
   int Dp, ldq, ldk, ldv, lds, ldp, ldo;
   size_t k_tile, v_tile;  // elements of one key / value tile buffer (two each on the tensor-core path)
-  size_t off_q, off_k, off_v, off_s, off_p, off_o, off_m, off_l, off_alpha, off_valid, total;
+  size_t off_q, off_k, off_v, off_s, off_p, off_o, off_m, off_l, off_alpha, off_flags, total;
 };
 
 // TC: q/k/v tiles in fp16/bf16 (ld = Dp + 8), P in the same dtype for the second product.
@@ -46,8 +47,8 @@ __host__ __device__ inline FlashLayout flash_layout(int BM, int BN, int D, bool 
   o = align_up(o + (size_t)BM * sizeof(float), 128);
   L.off_alpha = o;
   o = align_up(o + (size_t)BM * sizeof(float), 128);
-  L.off_valid = o;
-  o = align_up(o + BN, 128);
+  L.off_flags = o;  // valid_s [BN], then used_s [BN]
+  o = align_up(o + 2 * (size_t)BN, 128);
   L.total = o;
   return L;
 }
@@ -68,7 +69,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
   float* m_s = reinterpret_cast<float*>(smem + L.off_m);      // [BM] running max (base 2)
   float* l_s = reinterpret_cast<float*>(smem + L.off_l);      // [BM] running sum
   float* alpha_s = reinterpret_cast<float*>(smem + L.off_alpha);  // [BM] rescale of this tile
-  uint8_t* valid_s = smem + L.off_valid;                      // [BN]
+  uint8_t* valid_s = smem + L.off_flags;                      // [BN] slot valid (length, mask)
+  uint8_t* used_s = valid_s + BN;                             // [BN] kept by some row of the tile
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const TileCoords t = tile_coords(p);
@@ -124,8 +126,10 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
       __pipeline_commit();
       __pipeline_wait_prior(1);  // this thread's copies of the current tiles have landed
     }
-    for (int c = threadIdx.x; c < BN; c += kThreads)
+    for (int c = threadIdx.x; c < BN; c += kThreads) {
       valid_s[c] = (c < nvalid && (mrow == nullptr || mrow[m0 + c])) ? 1 : 0;
+      used_s[c] = 0;
+    }
     if (!pipelined) {
       load_tile<TS, TK>(k_tile, L.ldk, kbase + m0 * p.keys.sm, p.keys.sm, nvalid, BN, p.D, L.Dp, p.k_vec, nullptr);
     }
@@ -135,7 +139,11 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
     }
     score_tile<TS, TC>(q_s, L.ldq, k_tile, L.ldk, s_s, L.lds, BM, BN, p.D, L.Dp);
     __syncthreads();
-    // online softmax, warp w owns rows w, w + 8, ... (base 2: x = score * scale * log2(e))
+    // online softmax, warp w owns rows w, w + 8, ... (logits x = score * scale and the running max
+    // m in natural-log units, finite wherever the fp32 logit is; exponentials in base 2); a key
+    // is kept by a row iff its slot is valid, its score finite (NaN / +-inf are dropped) and, with
+    // causal_lq, it is visible to the row. used: kept by some row of this warp.
+    bool used[2] = {false, false};
     for (int r = warp; r < rows; r += kWarps) {
       const int64_t lim = p.causal_lq > 0 ? (row0 + r) % p.causal_lq + p.M - p.causal_lq : m_end;
       float x[2];
@@ -146,7 +154,10 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
         x[t] = -INFINITY;
         if (c < BN) {
           const float s = s_s[r * L.lds + c];
-          if (valid_s[c] && !isnan(s) && m0 + c <= lim) x[t] = s * p.scale_log2;
+          if (valid_s[c] && isfinite(s) && m0 + c <= lim) {
+            x[t] = s * p.scale;
+            used[t] = true;
+          }
         }
         mx = fmaxf(mx, x[t]);
       }
@@ -154,12 +165,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
       const float m_old = m_s[r];
       const float m_new = fmaxf(m_old, mx);
       float alpha = 1.f, psum = 0.f;
-      if (m_new != -INFINITY) alpha = exp2f(m_old - m_new);  // 0 when m_old is -inf
+      if (m_new != -INFINITY) alpha = exp2f((m_old - m_new) * kLog2e);  // 0 when m_old is -inf
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
         const int c = lane + 32 * t;
         if (c < BN) {
-          const float pr = (m_new == -INFINITY) ? 0.f : exp2f(x[t] - m_new);  // exp2(-inf) = 0
+          const float pr = (m_new == -INFINITY) ? 0.f : exp2f((x[t] - m_new) * kLog2e);  // exp2(-inf) = 0
           psum += pr;
           if constexpr (TC) {
             p_s[r * L.ldp + c] = from_float<TS>(pr);
@@ -176,14 +187,26 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
         alpha_s[r] = alpha;
       }
     }
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+      if (used[t]) used_s[lane + 32 * t] = 1;  // several warps may store the same 1
     __syncthreads();
+    // The value row of a slot no row of the tile keeps is zeroed: its weights are all 0, and
+    // 0 * inf = NaN would poison the rows through P @ V (a key with an inf / NaN element, e.g. fp16
+    // overflow upstream, has a non-finite score for every query and often an inf value too).
+    // Invalid slots and padding were loaded as zeros already.
+    for (int c = warp; c < BN; c += kWarps) {
+      if (valid_s[c] && !used_s[c]) {
+        for (int d = lane; d < L.Dp; d += 32) v_tile[c * L.ldv + d] = from_float<TS>(0.f);
+      }
+    }
     // O = O * alpha + P @ V
     if constexpr (TC) {
       for (int e = threadIdx.x; e < rows * L.Dp; e += kThreads) {
         const int r = e / L.Dp, d = e - r * L.Dp;
         o_s[r * L.ldo + d] *= alpha_s[r];
       }
-      __syncthreads();
+      __syncthreads();  // o_s rescaled, v_tile's dropped rows zeroed
       using namespace nvcuda;
       const int ncol = L.Dp / 16, nfrag = (BM / 16) * ncol;
       for (int f = warp; f < nfrag; f += kWarps) {
@@ -201,6 +224,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
         wmma::store_matrix_sync(o_s + fr * 16 * L.ldo + fc * 16, acc, L.ldo, wmma::mem_row_major);
       }
     } else {
+      __syncthreads();  // v_tile's dropped rows zeroed
       for (int e = threadIdx.x; e < rows * p.D; e += kThreads) {
         const int r = e / p.D, d = e - r * p.D;
         float acc = o_s[r * L.ldo + d] * alpha_s[r];
@@ -213,9 +237,11 @@ __global__ void __launch_bounds__(kThreads, 2) flash_scan_kernel(const FlashPara
   __syncthreads();
   for (int r = warp; r < rows; r += kWarps) {
     const float m = m_s[r], l = l_s[r];
-    const bool empty = m == -INFINITY || !(l > 0.f);
+    // no kept key (l >= 1 otherwise); an fp32 logit that overflows (|score * scale| > 3.4e38)
+    // leaves m = +inf and l = NaN: NaN out, as in the reference, never a silent (0, -inf)
+    const bool empty = m == -INFINITY || l == 0.f;
     const float inv = empty ? 0.f : 1.f / l;
-    const float lse = empty ? -INFINITY : (m + log2f(l)) * kLn2;
+    const float lse = empty ? -INFINITY : m + log2f(l) * kLn2;
     const int64_t grow = (int64_t)bh * p.N + row0 + r;
     float* dst;
     if (p.splits == 1) {
@@ -240,8 +266,12 @@ __global__ void __launch_bounds__(kRowWarps * 32) flash_merge_kernel(const float
   if (row >= rows) return;
   const float* pl = part_lse + row * splits;
   float mx = -INFINITY;
-  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, pl[s]);
-  mx = warp_max(mx);
+  bool nan = false;  // a split whose fp32 logits overflowed: NaN, and fmaxf would drop it
+  for (int s = lane; s < splits; s += 32) {
+    mx = fmaxf(mx, pl[s]);
+    nan |= isnan(pl[s]);
+  }
+  mx = __ballot_sync(kFull, nan) ? NAN : warp_max(mx);
   float* o = out + row * D;
   if (mx == -INFINITY) {
     for (int d = lane; d < D; d += 32) o[d] = 0.f;
@@ -273,8 +303,8 @@ __global__ void __launch_bounds__(kRowWarps * 32) gather_attention_kernel(const 
   const int64_t* ix = p.indices + row * p.k;
   auto logit = [&](int j) -> float {
     const int64_t i = ix[j];
-    const float x = sc[j] * p.scale_log2;
-    return (i >= 0 && i < p.M && !isnan(x)) ? x : -INFINITY;
+    const float s = sc[j];
+    return (i >= 0 && i < p.M && isfinite(s)) ? s * p.scale : -INFINITY;  // non-finite: dropped
   };
   float mx = -INFINITY;
   for (int j = lane; j < p.k; j += 32) mx = fmaxf(mx, logit(j));
@@ -294,7 +324,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) gather_attention_kernel(const 
   for (int j = 0; j < p.k; ++j) {  // every lane walks every slot: the logit loads are broadcasts
     const float x = logit(j);
     if (x == -INFINITY) continue;
-    const float w = exp2f(x - mx);
+    const float w = exp2f((x - mx) * kLog2e);
     total += w;
     const TV* v = vbase + ix[j] * p.values.sm;
 #pragma unroll
@@ -309,7 +339,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) gather_attention_kernel(const 
     const int d = lane + 32 * t;
     if (d < p.D) o[d] = acc[t] * inv;
   }
-  if (lane == 0) p.lse[row] = (mx + log2f(total)) * kLn2;
+  if (lane == 0) p.lse[row] = mx + log2f(total) * kLn2;
 }
 
 }  // namespace

@@ -1,19 +1,22 @@
-// fot_cuda: torch custom-op schemas, input checks and launches of the CUDA kernels.
+// fot_cuda: input checks and launches of the CUDA kernels, registered as the CUDA implementations
+// of the package's custom ops (schemas and fake kernels: fot_kernels/_library.py, the one place
+// they are defined; this file only implements them):
 //
-//   fot_cuda::knn_scan(query, mem_keys, mem_lengths?, mem_mask?, k) -> (scores, indices)
-//   fot_cuda::flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq) -> (out, lse)
-//   fot_cuda::gather_attention(scores, indices, values, scale) -> (out, lse)
+//   fot::knn_scan(query, mem_keys, mem_lengths?, mem_mask?, k) -> (scores, indices)
+//   fot::flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq) -> (out, lse)
+//   fot::gather_attention(scores, indices, values, scale) -> (out, lse)
 //
-// Same signatures and semantics as the fot_cpu ops (csrc/cpu/fot_cpu.cpp): query rows
-// [B, Hkv, N, D] (N = G * Lq stacked query heads of one kv head), memory [B, Hkv, M, D] with
-// stride(-1) == 1 and any other strides. Dtypes: memory float32 / float16 / bfloat16; the query
-// is float32 (exact fp32 products, SIMT) or the memory's own fp16/bf16 dtype (tensor cores).
-// Outputs: scores float32 / indices int64 [B, Hkv, N, k]; out float32 [B, Hkv, N, D], lse float32
-// [B, Hkv, N]. The Python backend (fot_kernels/backends/cuda.py) registers the fake kernels.
+// Same semantics as the CPU kernels of those ops (csrc/cpu): query rows [B, Hkv, N, D]
+// (N = G * Lq stacked query heads of one kv head), memory [B, Hkv, M, D] with stride(-1) == 1 and
+// any other strides. Dtypes: memory float32 / float16 / bfloat16; the query is float32 (exact fp32
+// products, SIMT) or the memory's own fp16/bf16 dtype (tensor cores). Outputs: scores float32 /
+// indices int64 [B, Hkv, N, k]; out float32 [B, Hkv, N, D], lse float32 [B, Hkv, N].
 //
-// FOT_CUDA_EMULATION (defined only by tests/cuda_emu, which compiles these sources as host C++
-// and runs the kernels on the CPU) registers the ops as fot_cuda_emu::* for CPU tensors, without
-// a device guard or stream, and fills every output with NaN / -7777 before the kernels run.
+// FOT_OPS_NAMESPACE / FOT_OPS_DISPATCH_KEY (default fot / CUDA) name the namespace and dispatch key
+// the implementations are registered under. tests/cuda_emu, which compiles these sources as host
+// C++ and runs the kernels on the CPU, sets them to fot_cuda_emu / CPU (its Python side defines
+// that namespace's schemas with the same _library.ops) and defines FOT_CUDA_EMULATION: no device
+// guard or stream, and every output filled with NaN / -7777 before the kernels run.
 #ifndef FOT_CUDA_NO_PYTHON_MODULE  // defined only by tests/test_cuda_compile.py where Python.h is missing
 #include <Python.h>
 #endif
@@ -201,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> knn_scan(const at::Tensor& query_in, const at
   p.out_s = scores.data_ptr<float>();
   p.out_i = indices.data_ptr<int64_t>();
   const char* why = "";
-  TORCH_CHECK(knn_plan(p, device_limits(query), &why), "fot_cuda::knn_scan: ", why);
+  TORCH_CHECK(knn_plan(p, device_limits(query), &why), "knn_scan (CUDA): ", why);
   at::Tensor part;
   if (p.splits > 1) {
     part = empty_output({B * H * N, (int64_t)p.splits, k}, query.options().dtype(at::kLong));
@@ -222,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
   TORCH_CHECK(values.scalar_type() == keys.scalar_type(), "values must have keys' dtype ", keys.scalar_type(),
               ", got ", values.scalar_type());
   TORCH_CHECK(causal_lq >= 0, "causal_lq must be >= 0, got ", causal_lq);
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite((float)scale), "scale must be finite in float32, got ", scale);
   DEVICE_GUARD(query_in.device());
   const at::Tensor query = query_in.contiguous();
   const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3), M = keys.size(2);
@@ -238,13 +241,13 @@ std::tuple<at::Tensor, at::Tensor> flash_scan(const at::Tensor& query_in, const 
   p.keys = mem_ref(keys);
   p.values = mem_ref(values);
   p.causal_lq = causal_lq;
-  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.scale = (float)scale;
   p.k_vec = M > 0 ? vec_bytes(keys) : 0;
   p.v_vec = M > 0 ? vec_bytes(values) : 0;
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   const char* why = "";
-  TORCH_CHECK(flash_plan(p, device_limits(query), &why), "fot_cuda::flash_scan: ", why);
+  TORCH_CHECK(flash_plan(p, device_limits(query), &why), "flash_scan (CUDA): ", why);
   at::Tensor part_o, part_lse;
   if (p.splits > 1) {
     part_o = empty_output({B * H * N, (int64_t)p.splits, D}, query.options().dtype(at::kFloat));
@@ -269,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> gather_attention(const at::Tensor& scores, co
   TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
   CHECK_MEM_DTYPE(values);
   CHECK_LAST_CONTIGUOUS(values);
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite((float)scale), "scale must be finite in float32, got ", scale);
   const int64_t B = scores.size(0), H = scores.size(1), N = scores.size(2), k = scores.size(3);
   TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "scores must have at most 2^31 - 1 rows, got ", scores.sizes());
   CHECK_SHAPE(indices, B, H, N, k);
@@ -293,20 +296,12 @@ std::tuple<at::Tensor, at::Tensor> gather_attention(const at::Tensor& scores, co
   p.D = (int)D;
   p.k = (int)k;
   p.M = M;
-  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.scale = (float)scale;
   p.dtype = dtype_of(values);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   CHECK_CUDA_OK(gather_attention_launch(p, CURRENT_STREAM()), "gather_attention launch");
   return {out, lse};
-}
-
-void define_ops(torch::Library& m) {
-  m.def("knn_scan(Tensor query, Tensor mem_keys, Tensor? mem_lengths, Tensor? mem_mask, int k) -> (Tensor, Tensor)");
-  m.def(
-      "flash_scan(Tensor query, Tensor keys, Tensor values, Tensor? mem_lengths, Tensor? mem_mask, float scale, "
-      "int causal_lq) -> (Tensor, Tensor)");
-  m.def("gather_attention(Tensor scores, Tensor indices, Tensor values, float scale) -> (Tensor, Tensor)");
 }
 
 void impl_ops(torch::Library& m) {
@@ -317,16 +312,18 @@ void impl_ops(torch::Library& m) {
 }  // namespace
 }  // namespace fot_cuda
 
-#ifdef FOT_CUDA_EMULATION
-TORCH_LIBRARY(fot_cuda_emu, m) { fot_cuda::define_ops(m); }
-TORCH_LIBRARY_IMPL(fot_cuda_emu, CPU, m) { fot_cuda::impl_ops(m); }
-#else
-TORCH_LIBRARY(fot_cuda, m) { fot_cuda::define_ops(m); }
-TORCH_LIBRARY_IMPL(fot_cuda, CUDA, m) { fot_cuda::impl_ops(m); }
+#ifndef FOT_OPS_NAMESPACE
+#define FOT_OPS_NAMESPACE fot
 #endif
+#ifndef FOT_OPS_DISPATCH_KEY
+#define FOT_OPS_DISPATCH_KEY CUDA
+#endif
+// Implementations only: the schemas come from Python (fot_kernels._library.ops), whether this
+// library is loaded before or after they are defined.
+TORCH_LIBRARY_IMPL(FOT_OPS_NAMESPACE, FOT_OPS_DISPATCH_KEY, m) { fot_cuda::impl_ops(m); }
 
-// `import fot_kernels._C` loads this library, which runs the registrations above; the module
-// itself is empty (the ops live under torch.ops.fot_cuda).
+// `import fot_kernels._C` loads this library, which runs the registration above; the module itself
+// is empty (the ops live under torch.ops.fot).
 #ifndef FOT_CUDA_NO_PYTHON_MODULE
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr,

@@ -45,6 +45,7 @@ struct ScanParams {
 };
 
 // ---------------------------------------------------------------------------------- knn_scan
+// The top k valid slots with a finite score (NaN / +-inf scores are dropped) per query row.
 // Writes scores fp32 / indices int64 [B*H, N, k] directly (splits == 1), or sorted packed keys
 // [B*H*N, splits, k] to `part` which the merge kernel folds into the outputs.
 struct KnnParams : ScanParams {
@@ -66,13 +67,14 @@ cudaError_t knn_scan_launch(const KnnParams& p, cudaStream_t stream);
 // Online-softmax attention of query rows [B*H, N, D] over keys/values [B, H, M, D] (same dtype),
 // with memory validity (lengths/mask) and an optional bottom-right causal mask: causal_lq > 0
 // means rows are G blocks of causal_lq queries and row n sees key j iff
-// j <= n % causal_lq + M - causal_lq. Outputs out fp32 [B*H, N, D] (normalised) and the natural
-// log-sum-exp fp32 [B*H, N]; splits > 1 writes partials [B*H*N, splits, D] / [B*H*N, splits]
-// that flash_merge_splits combines.
+// j <= n % causal_lq + M - causal_lq. Keys whose score is NaN / +-inf are dropped (their values,
+// even inf / NaN, contribute nothing); a row left with no key gets out 0, lse -inf. Outputs out
+// fp32 [B*H, N, D] (normalised) and the natural log-sum-exp fp32 [B*H, N]; splits > 1 writes
+// partials [B*H*N, splits, D] / [B*H*N, splits] that flash_merge_kernel combines.
 struct FlashParams : ScanParams {
   MemRef keys, values;
   int64_t causal_lq;
-  float scale_log2;  // softmax_scale * log2(e)
+  float scale;  // softmax_scale: logits x = score * scale (natural-log units)
   int k_vec, v_vec;
   float* out;
   float* lse;
@@ -85,14 +87,15 @@ cudaError_t flash_scan_launch(const FlashParams& p, cudaStream_t stream);
 
 // ------------------------------------------------------------------------ gather_attention
 // Softmax over the selected slots: scores fp32 / indices int64 [B*H, N, k] (-1 = none), values
-// [B, H, M, D] -> out fp32 [B*H, N, D], lse fp32 [B*H, N]. Indices outside [0, M) are skipped.
+// [B, H, M, D] -> out fp32 [B*H, N, D], lse fp32 [B*H, N]. Indices outside [0, M) and non-finite
+// scores are skipped (their values never read).
 struct GatherParams {
   const float* scores;
   const int64_t* indices;
   MemRef values;
   int B, H, N, D, k;
   int64_t M;
-  float scale_log2;
+  float scale;  // softmax_scale
   DType dtype;
   float* out;
   float* lse;

@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 2) knn_scan_kernel(const KnnParams p
     score_tile<TS, TC>(q_s, L.ldq, k_tile, L.ldk, s_s, L.lds, BM, BN, p.D, L.Dp);
     __syncthreads();
     // selection: warp w owns rows w, w + 8, ...; a score is a candidate if its slot is valid,
-    // it is not NaN, and its key beats the row's current k-th best
+    // it is finite (NaN and +-inf scores are dropped), and its key beats the row's current k-th best
     for (int r = warp; r < rows; r += kWarps) {
       uint64_t thr = thr_s[r];
       int cnt = cnt_s[r];
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, 2) knn_scan_kernel(const KnnParams p
         const int c = c0 + lane;
         const float s = s_s[r * L.lds + c];
         const uint64_t key = pack_key(s, m0 + c);
-        const bool take = valid_s[c] && !isnan(s) && key > thr;
+        const bool take = valid_s[c] && isfinite(s) && key > thr;
         const unsigned ballot = __ballot_sync(kFull, take);
         if (take) cand_s[r * kCB + cnt + __popc(ballot & ((1u << lane) - 1u))] = key;
         cnt += __popc(ballot);

@@ -4,12 +4,16 @@
 Every backend module defines::
 
     NAME: str
-    unsupported_reasons(op, query, mem_keys, *, key=None, value=None, mem_values=None, topk=None) -> list[str]
+    unsupported_reasons(op, query, mem_keys, *, key=None, value=None, mem_values=None, topk=None,
+                        needs_grad=False) -> list[str]
     knn_topk(query, mem_keys, k, *, mem_lengths, mem_mask) -> (scores, indices)
     memory_attention(query, key, value, mem_keys, mem_values, *, topk, causal, softmax_scale,
                      mem_lengths, mem_mask) -> (out, lse)
 
 ``op`` is "knn_topk" or "memory_attention"; an empty list means the backend can serve the inputs.
+``needs_grad`` is True when grad mode is on and an input requires grad: a backend that cannot
+differentiate the op for these inputs must say so (docs/DESIGN.md 3.4), never return an output detached
+from the graph.
 ``key``/``value`` may be None in ``memory_attention``: no local part (``knn_attention``).
 Inputs arrive validated and normalised by ``fot_kernels._validate``.
 """
@@ -36,9 +40,10 @@ def auto_order(device_type: str) -> tuple[str, ...]:
     automatically (it materialises Lq x M), nor is the Triton interpreter on the CPU; on GPUs the
     device-agnostic block-streaming PyTorch backend serves what the fused kernels do not. Triton
     comes before the CUDA C++ kernels until those have been run and timed on a GPU (they have only
-    been compiled so far); pass ``backend="cuda"`` to use them."""
+    been compiled so far); pass ``backend="cuda"`` to use them. On the CPU, the block-streaming
+    PyTorch backend follows the C++ one, for whatever the latter refuses."""
     if device_type == "cpu":
-        return ("cpu",)
+        return ("cpu", "streaming")
     return ("triton", "cuda", "streaming")
 
 
@@ -62,9 +67,30 @@ def capability_reasons(backend: str, device, minimum: tuple[int, int] = (8, 0)) 
     return [f"{backend} backend needs compute capability >= {minimum[0]}.{minimum[1]} (got {major}.{minor})"]
 
 
+_LOADED: dict[str, tuple[ModuleType | None, str | None]] = {}
+
+
 def load(name: str) -> tuple[ModuleType | None, str | None]:
-    """Import a backend module lazily: (module, None), or (None, why it cannot be imported)."""
-    try:
-        return importlib.import_module(_MODULES[name]), None
-    except ImportError as exc:  # e.g. triton not installed
-        return None, f"cannot import {_MODULES[name]}: {exc}"
+    """Import a backend module lazily: (module, None), or (None, why it cannot be imported).
+    Cached, so that code traced by torch.compile finds it without calling importlib."""
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(_MODULES[name]), None
+        except ImportError as exc:  # e.g. triton not installed
+            _LOADED[name] = None, f"cannot import {_MODULES[name]}: {exc}"
+    return _LOADED[name]
+
+
+def load_all() -> None:
+    """Import every backend module (``fot_kernels.ops`` does so before its first dispatch, outside
+    any traced region)."""
+    for name in NAMES:
+        load(name)
+
+
+def grad_reasons(backend: str, needs_grad: bool) -> list[str]:
+    """The reason of a backend whose kernels have no backward yet, when gradients are needed."""
+    if not needs_grad:
+        return []
+    return [f"inputs require grad and the {backend} kernels have no backward yet (docs/DESIGN.md 3.4); "
+            "backend 'streaming' (or 'reference') computes gradients"]  # fmt: skip

@@ -1,45 +1,52 @@
-"""Loader of the C++ CPU kernels (``csrc/cpu/fot_cpu.cpp``), registered as ``torch.ops.fot_cpu.*``.
+"""Loader of the C++ CPU kernels (``csrc/cpu``): the CPU implementations of the ``torch.ops.fot.*``
+ops whose schemas and fake kernels ``fot_kernels._library`` defines.
 
 Nothing happens at import. :func:`load` JIT-compiles the extension with
 ``torch.utils.cpp_extension.load`` (ninja) on first use, caches the outcome and returns whether the
-ops are usable; :func:`unavailable_reason` says why not. The first build takes about a minute;
-later processes reuse the cached build (torch's extension directory, keyed by sources and flags).
+ops are usable; :func:`unavailable_reason` says why not. The first build takes a minute or two;
+later processes reuse the cached build (torch's extension directory, keyed by the sources, the
+headers and the flags).
 
 Ops (all tensors on the CPU; query float32 ``[B, Hkv, N, D]``, memory ``[B, Hkv, M, D]`` in
 float32/bfloat16/float16 with ``stride(-1) == 1``):
 
 - ``knn_scan(query, mem_keys, mem_lengths?, mem_mask?, k) -> (scores [B,Hkv,N,k] f32, indices i64)``
-- ``flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq) -> (out [B,Hkv,N,D] f32, lse [B,Hkv,N] f32)``
+- ``flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq)``
+  ``-> (out [B,Hkv,N,D] f32, lse [B,Hkv,N] f32)``
 - ``gather_attention(scores, indices, values, scale) -> (out, lse)``
-- ``simd_level() -> int``: 512 when the AVX-512 kernels were compiled in, 0 for the portable build.
+- ``cpu_simd_level() -> int`` (defined by the C++ library itself): 512 when the AVX-512 kernels were
+  compiled in, 0 for the portable build.
 
 Environment:
 
 - ``FOT_KERNELS_CPU_EXT=0`` disables the extension.
 - ``FOT_KERNELS_CPU_EXT_PORTABLE=1`` skips ``-march=native`` (portable scalar kernels).
 - ``FOT_KERNELS_CPU_EXT_VERBOSE=1`` shows the compiler output.
+- ``FOT_KERNELS_CPU_POISON=1`` (tests, read by the ops at each call) fills the ops' outputs with NaN /
+  -7777 before the kernels run, so that an element a kernel forgets to write fails a test.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Optional
 
-__all__ = ["load", "unavailable_reason", "source_dir"]
+__all__ = ["load", "source_dir", "unavailable_reason"]
 
-_SOURCES = ("fot_cpu.cpp",)
+_SOURCES = ("ops.cpp", "knn.cpp", "flash.cpp", "gather.cpp", "topk.cpp")
+_HEADER_SUFFIXES = (".h", ".hpp")
+_OPS = ("knn_scan", "flash_scan", "gather_attention")
 _lock = threading.Lock()
-_loaded: Optional[bool] = None
-_reason: Optional[str] = None
-_fakes_registered = False
+_loaded: bool | None = None
+_reason: str | None = None
 
 _NATIVE_FLAGS = ["-O3", "-march=native", "-mtune=native", "-fno-math-errno"]
 _PORTABLE_FLAGS = ["-O3", "-fno-math-errno"]
 
 
-def source_dir() -> Optional[Path]:
+def source_dir() -> Path | None:
     """Directory holding the C++ sources: package data first, then the repository checkout."""
     here = Path(__file__).resolve()
     package = here.parents[1]  # fot_kernels/
@@ -55,12 +62,19 @@ def source_dir() -> Optional[Path]:
 
 
 def _ops_present() -> bool:
-    import torch
+    """True when every op has a CPU implementation registered (the library is loaded)."""
+    from .. import _library
 
-    try:
-        return hasattr(torch.ops.fot_cpu, "knn_scan") and hasattr(torch.ops.fot_cpu, "flash_scan")
-    except (AttributeError, RuntimeError):
-        return False
+    return all(_library.has_kernel(name, "CPU") for name in _OPS)
+
+
+def _headers_digest(src: Path) -> str:
+    """Digest of the headers: torch keys its build cache on the sources and flags only, so the
+    headers enter through a define (a header change then rebuilds, also in an installed copy)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in src.iterdir() if p.suffix in _HEADER_SUFFIXES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _truncate(text: str, limit: int = 2000) -> str:
@@ -76,41 +90,11 @@ def _build(name: str, flags: list, src: Path) -> None:
     cpp_extension.load(
         name=name,
         sources=[str(src / s) for s in _SOURCES],
-        extra_cflags=flags,
+        extra_cflags=[*flags, f"-DFOT_CPU_HEADERS={_headers_digest(src)}"],
         extra_ldflags=[],
         is_python_module=False,
         verbose=os.environ.get("FOT_KERNELS_CPU_EXT_VERBOSE", "0") == "1",
     )
-
-
-def _register_fakes() -> None:
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    import torch
-
-    def _knn_scan_fake(query, mem_keys, mem_lengths, mem_mask, k):
-        shape = (*query.shape[:3], k)
-        return query.new_empty(shape), query.new_empty(shape, dtype=torch.int64)
-
-    def _flash_scan_fake(query, keys, values, mem_lengths, mem_mask, scale, causal_lq):
-        return query.new_empty(query.shape), query.new_empty(query.shape[:3])
-
-    def _gather_attention_fake(scores, indices, values, scale):
-        shape = (*scores.shape[:3], values.shape[-1])
-        return scores.new_empty(shape), scores.new_empty(scores.shape[:3])
-
-    for op, fn in (
-        ("fot_cpu::knn_scan", _knn_scan_fake),
-        ("fot_cpu::flash_scan", _flash_scan_fake),
-        ("fot_cpu::gather_attention", _gather_attention_fake),
-    ):
-        try:
-            torch.library.register_fake(op)(fn)
-        except RuntimeError as exc:  # already registered (e.g. a second loader path)
-            if "already" not in str(exc) and "register_fake" not in str(exc):
-                raise
-    _fakes_registered = True
 
 
 def _try_load() -> tuple:
@@ -125,7 +109,7 @@ def _try_load() -> tuple:
         return True, None
     src = source_dir()
     if src is None:
-        return False, "C++ sources (csrc/cpu/fot_cpu.cpp) not found next to the package"
+        return False, "C++ sources (csrc/cpu: " + ", ".join(_SOURCES) + ") not found next to the package"
     errors = []
     attempts = []
     if os.environ.get("FOT_KERNELS_CPU_EXT_PORTABLE", "0") != "1":
@@ -136,7 +120,7 @@ def _try_load() -> tuple:
             _build(name, flags, src)
         except Exception as exc:  # compiler missing, build error, ...
             msg = str(exc)
-            if isinstance(exc, FileNotFoundError) or "ninja" in msg.lower() and "not" in msg.lower():
+            if isinstance(exc, FileNotFoundError) or ("ninja" in msg.lower() and "not" in msg.lower()):
                 errors.append(f"{name}: {_truncate(msg)}")
             else:
                 errors.append(f"{name}: {type(exc).__name__}: {_truncate(msg)}")
@@ -145,14 +129,14 @@ def _try_load() -> tuple:
             continue
         if _ops_present():
             return True, None
-        errors.append(f"{name}: built but torch.ops.fot_cpu has no ops")
+        errors.append(f"{name}: built but the fot ops have no CPU kernel")
     if _ops_present():
         return True, None
     return False, "C++ CPU extension could not be built:\n" + "\n".join(errors)
 
 
 def load() -> bool:
-    """Build (first call) and load the extension; True when ``torch.ops.fot_cpu.*`` are usable.
+    """Build (first call) and load the extension; True when ``torch.ops.fot.*`` have their CPU kernels.
 
     Never raises: on failure returns False and :func:`unavailable_reason` says why.
     """
@@ -164,15 +148,13 @@ def load() -> bool:
             return _loaded
         try:
             ok, reason = _try_load()
-            if ok:
-                _register_fakes()
         except Exception as exc:  # never raise from load()
             ok, reason = False, f"{type(exc).__name__}: {_truncate(str(exc))}"
         _loaded, _reason = ok, reason
         return ok
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     """Why the extension is not usable (None when it is, or when :func:`load` was not called yet)."""
     if _loaded is None:
         return None

@@ -1,28 +1,32 @@
 """CPU production backend: the block-streaming composition of ``backends.streaming`` run with the
-C++ kernels of csrc/cpu (``torch.ops.fot_cpu.*``, JIT-compiled with ninja on first use).
+C++ kernels of csrc/cpu (the CPU implementations of the ``torch.ops.fot.*`` ops of
+``fot_kernels._library``, JIT-compiled with ninja on first use).
 
 The C++ kNN scan fuses the score product with the selection: each score tile is checked against
 every row's current k-th best while it is still in registers, and only the rare winners are
 inserted (about k ln(M / k) per row). The flash scan runs QK^T and PV with the same AVX-512
 micro-kernel around a vectorised online softmax. Where the extension cannot be built (no
 compiler), and for float64 inputs, the PyTorch kernels of ``backends.streaming`` serve instead,
-with the same semantics, slower.
+with the same semantics, slower. Gradients: when autograd records the call, the composition runs
+through ``fot_kernels.autograd`` (``streaming.memory_attention`` does so): the C++ forward kernels
+give out, lse and the kNN selection, and the block-recomputing PyTorch backward of
+``backends.streaming`` gives the gradients within the forward's memory bound (docs/DESIGN.md 3.4).
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import Tensor
 
+from .. import _library
 from . import _cpu_ext, streaming
 
 NAME = "cpu"
 _EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def unsupported_reasons(op: str, query: Tensor, mem_keys: Tensor, **_: object) -> list[str]:
+def unsupported_reasons(op: str, query: Tensor, mem_keys: Tensor, *, needs_grad: bool = False, **_: object):
+    """Serves every validated CPU input, with or without gradients (``needs_grad``)."""
     if query.device.type != "cpu":
         return [f"cpu backend needs CPU tensors, got {query.device.type}"]
     return []
@@ -33,10 +37,10 @@ def extension_status() -> str | None:
     return None if _cpu_ext.load() else _cpu_ext.unavailable_reason()
 
 
-def _kernels(*tensors: Tensor | None) -> SimpleNamespace:
+def _kernels(*tensors: Tensor | None) -> streaming.Kernels:
     """The C++ kernels when they are built and serve these dtypes, else the PyTorch ones."""
     if all(t is None or t.dtype in _EXT_DTYPES for t in tensors) and _cpu_ext.load():
-        return streaming.kernel_set(torch.ops.fot_cpu, _float32_rows)
+        return streaming.Kernels(_library.ops(), _float32_rows)
     return streaming.TORCH_KERNELS
 
 

@@ -1,16 +1,11 @@
 """CUDA C++ backend: the kernels in csrc/cuda, compiled by setup.py into ``fot_kernels._C``.
 
-Importing ``fot_kernels._C`` registers three torch custom ops (schemas in csrc/cuda/bindings.cpp),
-the same as the C++ CPU kernels' (csrc/cpu/fot_cpu.cpp)::
-
-    fot_cuda::knn_scan(query, mem_keys, mem_lengths?, mem_mask?, k) -> (scores, indices)
-    fot_cuda::flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq) -> (out, lse)
-    fot_cuda::gather_attention(scores, indices, values, scale) -> (out, lse)
-
-Their query is a block of rows ``[B, Hkv, G * Lq, D]``: the G query heads that share a kv head
-are stacked so that every memory tile is read once per kv head (grouped-query attention without
-repeating keys). This module registers their fake (meta) kernels for ``torch.compile`` and maps the
-backend interface onto them:
+Importing ``fot_kernels._C`` registers the CUDA implementations of the package's custom ops
+``torch.ops.fot.{knn_scan, flash_scan, gather_attention}`` (schemas and fake kernels in
+``fot_kernels._library``, shared with the C++ CPU kernels). Their query is a block of rows
+``[B, Hkv, G * Lq, D]``: the G query heads that share a kv head are stacked so that every memory
+tile is read once per kv head (grouped-query attention without repeating keys). This module maps
+the backend interface onto them:
 
 - ``knn_topk``: ``knn_scan`` (fused score tile + exact on-chip top-k, memory split across blocks,
   split lists merged on the GPU);
@@ -35,12 +30,12 @@ float64, k > 256, mem_values / value with a dtype other than mem_keys' / key's, 
 from __future__ import annotations
 
 import importlib
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from . import capability_reasons, dtype_reasons, streaming
+from .. import _library
+from . import capability_reasons, dtype_reasons, grad_reasons, streaming
 
 NAME = "cuda"
 MAX_K = 256  # csrc/cuda/fot_cuda.h kMaxK
@@ -50,7 +45,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _load_extension() -> str | None:
-    """Import fot_kernels._C (which registers torch.ops.fot_cuda); None, or why it failed."""
+    """Import fot_kernels._C (which registers the CUDA kernels of torch.ops.fot); None, or why not."""
     try:
         importlib.import_module("fot_kernels._C")
     except (ImportError, OSError) as exc:
@@ -61,35 +56,13 @@ def _load_extension() -> str | None:
 
 _EXTENSION_REASON = _load_extension()
 
-def register_fakes(namespace: str) -> None:
-    """Fake (meta) kernels of the three ops, for torch.compile and opcheck (tests/cuda_emu also
-    registers them for its CPU build of the same sources, ``fot_cuda_emu``)."""
-
-    @torch.library.register_fake(f"{namespace}::knn_scan")
-    def _knn_scan_fake(query, mem_keys, mem_lengths, mem_mask, k):
-        shape = (*query.shape[:3], k)
-        return query.new_empty(shape, dtype=torch.float32), query.new_empty(shape, dtype=torch.int64)
-
-    @torch.library.register_fake(f"{namespace}::flash_scan")
-    def _flash_scan_fake(query, keys, values, mem_lengths, mem_mask, scale, causal_lq):
-        return query.new_empty(query.shape, dtype=torch.float32), query.new_empty(query.shape[:3], dtype=torch.float32)
-
-    @torch.library.register_fake(f"{namespace}::gather_attention")
-    def _gather_attention_fake(scores, indices, values, scale):
-        out = scores.new_empty((*scores.shape[:3], values.shape[3]), dtype=torch.float32)
-        return out, scores.new_empty(scores.shape[:3], dtype=torch.float32)
-
-
-if _EXTENSION_REASON is None:
-    register_fakes("fot_cuda")
-
 # Where the kernels' tensors live and which op namespace runs them; tests/cuda_emu swaps in "cpu"
 # and torch.ops.fot_cuda_emu (the same sources built for the CPU) to run the backend without a GPU.
 _DEVICE_TYPE = "cuda"
 
 
 def _ops():
-    return torch.ops.fot_cuda
+    return _library.ops()
 
 
 def extension_status() -> str | None:
@@ -106,8 +79,9 @@ def unsupported_reasons(
     value: Tensor | None = None,
     mem_values: Tensor | None = None,
     topk: int | None = None,
+    needs_grad: bool = False,
 ) -> list[str]:
-    reasons = []
+    reasons = grad_reasons("cuda", needs_grad)
     if query.device.type != _DEVICE_TYPE:
         reasons.append(f"cuda backend needs {_DEVICE_TYPE.upper()} tensors, got {query.device.type}")
     if _EXTENSION_REASON is not None:
@@ -120,8 +94,6 @@ def unsupported_reasons(
         reasons.append(f"mem_values dtype {mem_values.dtype} differs from mem_keys dtype {mem_keys.dtype}")
     if key is not None and value is not None and key.dtype != value.dtype:
         reasons.append(f"value dtype {value.dtype} differs from key dtype {key.dtype}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()):
-        reasons.append("inputs require grad: the CUDA kernels have no backward (DESIGN.md 3.4) yet")
     if topk is not None and topk > MAX_K:
         reasons.append(f"k={topk} > {MAX_K} is not served on chip")
     if mem_keys.shape[2] > MAX_SLOTS:
@@ -140,8 +112,8 @@ def _row_dtype(query: Tensor, *others: Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _kernels() -> SimpleNamespace:
-    return streaming.kernel_set(_ops(), _row_dtype)
+def _kernels() -> streaming.Kernels:
+    return streaming.Kernels(_ops(), _row_dtype)
 
 
 def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None):

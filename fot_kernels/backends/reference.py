@@ -1,26 +1,32 @@
 """Reference backend: the correctness oracle.
 
-Plain, readable PyTorch that follows DESIGN.md section 3 line by line. It materialises the full
+Plain, readable PyTorch that follows docs/DESIGN.md section 3 line by line. It materialises the full
 query x memory score matrix, so it is only for tests, small inputs and as a benchmark baseline.
 It runs in any floating dtype; with float64 inputs every intermediate is float64 (the upcast oracle
 of the tests), otherwise intermediates are float32.
 
 Semantics fixed here (and followed by every other backend):
 - a memory slot m of batch row b is *valid* iff ``m < mem_lengths[b]`` and ``mem_mask[b, m]``;
-- a memory slot is a *candidate* for a query iff it is valid and its score is not NaN (a NaN key
-  drops only its own slot);
-- kNN order: candidates first, then score descending, then index ascending (ties keep the lower
-  index); a candidate with score -inf is still selected (after every finite one); the tail of a row
-  with fewer than k candidates is padded with score -inf and index -1;
+- a local key or memory slot is *dropped* for a query when their unscaled score is not finite
+  (NaN, +inf or -inf): it is never selected and contributes nothing. A key row with a non-finite
+  element has a non-finite score against every query, so it is dropped everywhere and its value
+  is never read (a NaN/inf value there contributes nothing); a query row with a non-finite element
+  drops every candidate (output 0, lse -inf). Below, such key and query rows are zeroed before the
+  score product and their scores dropped by mask, so that gradients of dropped entries are exactly
+  0, never 0 * NaN;
+- kNN order: score descending, then index ascending (ties keep the lower index) among the valid
+  slots with a finite score; the tail of a row with fewer than k of them is padded with score
+  -inf and index -1;
 - local causal mask is bottom-right aligned: query i sees local key j iff ``j <= i + Lk - Lq``;
 - one joint softmax over [allowed local keys | memory candidates]; a row with no candidate at all
   has output 0 and lse -inf; invalid memory slots contribute exactly nothing, even when their
   (unused) values hold NaN.
+
+Self-contained on purpose: the production paths share their helpers in ``fot_kernels._merge``;
+nothing here is imported by them, so the tests never compare code with itself.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +35,8 @@ NAME = "reference"
 
 
 def unsupported_reasons(op: str, query: Tensor, mem_keys: Tensor, **_: object) -> list[str]:
-    """The reference serves every validated input (it is slow and materialises Lq x M)."""
+    """The reference serves every validated input (it is slow and materialises Lq x M), and is
+    differentiable through PyTorch's autograd (the gradient oracle)."""
     return []
 
 
@@ -58,50 +65,18 @@ def valid_slots(
     return valid
 
 
-def select_topk(scores: Tensor, indices: Tensor, selectable: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k along the last dim in the contract's order: selectable first, score descending,
-    index ascending. Non-selected tail entries become (-inf, -1). Output last dim is exactly k.
-
-    ``indices`` must be ascending along the last dim within equal scores' candidates' original
-    order, which holds for slot order and for [running top-k | next block] concatenations.
-    """
-    n = scores.shape[-1]
-    if n < k:  # pad so that the output always has k columns
-        pad = k - n
-        scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], pad), float("-inf"))], -1)
-        indices = torch.cat([indices, indices.new_full((*indices.shape[:-1], pad), -1)], -1)
-        selectable = torch.cat([selectable, selectable.new_zeros((*selectable.shape[:-1], pad))], -1)
-    key = scores.masked_fill(~selectable, float("-inf"))
-    # Two stable sorts: by score descending, then by "selectable" so that a candidate scoring -inf
-    # still ranks before non-candidates. Stability keeps the lower index first on ties, because
-    # the inputs arrive in ascending index order.
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    sel_sorted = selectable.gather(-1, order)
-    order = order.gather(-1, torch.sort(sel_sorted.to(torch.int8), dim=-1, descending=True, stable=True).indices)
-    order = order[..., :k]
-    top_sel = selectable.gather(-1, order)
-    top_scores = key.gather(-1, order)
-    top_idx = indices.gather(-1, order).masked_fill(~top_sel, -1)
-    return top_scores, top_idx
+def finite_rows(x: Tensor) -> Tensor:
+    """Bool [..., L]: rows of x [..., L, D] without a NaN/inf element."""
+    return torch.isfinite(x).all(-1)
 
 
-def knn_topk(
-    query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None = None, mem_mask: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Exact top-k memory slots by inner product. See DESIGN.md 3.1 and the module docstring.
-
-    Returns ``(scores, indices)`` of shape [B, Hq, Lq, k]: scores in fp32 (fp64 for fp64
-    inputs), indices int64 into M.
-    """
-    batch, num_q_heads, _, _ = query.shape
-    num_kv_heads, num_slots = mem_keys.shape[1], mem_keys.shape[2]
-    cd = compute_dtype(query, mem_keys)
-    keys = repeat_kv(mem_keys.to(cd), num_q_heads // num_kv_heads)
-    scores = query.to(cd) @ keys.transpose(-1, -2)  # [B, Hq, Lq, M]
-    valid = valid_slots(batch, num_slots, mem_lengths, mem_mask, query.device)[:, None, None, :]
-    selectable = valid & ~torch.isnan(scores)
-    slot_index = torch.arange(num_slots, device=query.device).expand_as(scores)
-    return select_topk(scores, slot_index, selectable, k)
+def scores_and_keep(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Unscaled scores q @ k^T [..., Lq, Lk] and whether each is kept (finite). Non-finite query
+    and key rows are zeroed before the product (their scores are dropped anyway); for finite rows
+    the product is the true score, which may still overflow to inf and then is dropped too."""
+    q_ok, k_ok = finite_rows(q), finite_rows(k)
+    scores = torch.where(q_ok[..., None], q, 0) @ torch.where(k_ok[..., None], k, 0).transpose(-1, -2)
+    return scores, torch.isfinite(scores) & q_ok[..., :, None] & k_ok[..., None, :]
 
 
 def causal_allowed(len_q: int, len_k: int, device) -> Tensor:
@@ -116,6 +91,34 @@ def causal_allowed(len_q: int, len_k: int, device) -> Tensor:
     i = torch.arange(len_q, device=device)[:, None]
     j = torch.arange(len_k, device=device)[None, :]
     return j <= i + (len_k - len_q)
+
+
+def knn_topk(
+    query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None = None, mem_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k memory slots by inner product. See docs/DESIGN.md 3.1 and the module docstring.
+
+    Returns ``(scores, indices)`` of shape [B, Hq, Lq, k]: scores in fp32 (fp64 for fp64
+    inputs), indices int64 into M.
+    """
+    batch, num_q_heads, len_q, _ = query.shape
+    num_kv_heads, num_slots = mem_keys.shape[1], mem_keys.shape[2]
+    cd = compute_dtype(query, mem_keys)
+    keys = repeat_kv(mem_keys.to(cd), num_q_heads // num_kv_heads)
+    scores, keep = scores_and_keep(query.to(cd), keys)  # [B, Hq, Lq, M]
+    keep = keep & valid_slots(batch, num_slots, mem_lengths, mem_mask, query.device)[:, None, None, :]
+    # Kept slots have finite scores, so they sort before every dropped one (-inf); the stable sort
+    # keeps the lower index first among equal scores. Then pad (or cut) to exactly k columns.
+    ranked = scores.masked_fill(~keep, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :k]
+    top_keep = keep.gather(-1, order)
+    top_scores = ranked.gather(-1, order)
+    top_idx = order.masked_fill(~top_keep, -1)
+    if num_slots < k:
+        pad = (batch, num_q_heads, len_q, k - num_slots)
+        top_scores = torch.cat([top_scores, top_scores.new_full(pad, float("-inf"))], -1)
+        top_idx = torch.cat([top_idx, top_idx.new_full(pad, -1)], -1)
+    return top_scores, top_idx
 
 
 def memory_attention(
@@ -143,69 +146,61 @@ def memory_attention(
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     cd = compute_dtype(query, key, value, mem_keys, mem_values)
     q = query.to(cd)
+    neg_inf = float("-inf")
 
-    logits, values = [], []  # per part: [B, Hq, Lq, n] logits and a function of the weights
+    logits, weighers = [], []  # per part: [B, Hq, Lq, n] logits (dropped: -inf), probs -> output
     if key is not None and key.shape[2] > 0:
         k_loc = repeat_kv(key.to(cd), n_rep)
-        v_loc = repeat_kv(value.to(cd), n_rep)
-        s_loc = (q @ k_loc.transpose(-1, -2)) * scale
+        s_loc, keep = scores_and_keep(q, k_loc)
         if causal:
-            s_loc = s_loc.masked_fill(~causal_allowed(len_q, key.shape[2], q.device), float("-inf"))
-        logits.append(s_loc)
-        values.append(lambda p, v=v_loc: p @ v)
+            keep = keep & causal_allowed(len_q, key.shape[2], q.device)
+        v_loc = repeat_kv(value.to(cd), n_rep).masked_fill(~finite_rows(k_loc)[..., None], 0)
+        logits.append((s_loc * scale).masked_fill(~keep, neg_inf))
+        weighers.append(lambda p, v=v_loc: p @ v)
 
     if topk is None:
         k_mem = repeat_kv(mem_keys.to(cd), n_rep)
-        v_mem = repeat_kv(mem_values.to(cd), n_rep)
-        s_mem = q @ k_mem.transpose(-1, -2)
-        valid = valid_slots(batch, num_slots, mem_lengths, mem_mask, q.device)[:, None, None, :]
-        s_mem = (s_mem * scale).masked_fill(~valid | torch.isnan(s_mem), float("-inf"))
-        v_mem = v_mem.masked_fill(~valid.transpose(-1, -2), 0)  # weight 0 must not meet a NaN in an unused slot
-        logits.append(s_mem)
-        values.append(lambda p, v=v_mem: p @ v)
+        s_mem, keep = scores_and_keep(q, k_mem)
+        valid = valid_slots(batch, num_slots, mem_lengths, mem_mask, q.device)[:, None, :]  # [B, 1, M]
+        keep = keep & valid[..., None, :]
+        # weight 0 must not meet a NaN in an unused slot or at a dropped (non-finite) key
+        unread = ~valid | ~finite_rows(k_mem)
+        v_mem = repeat_kv(mem_values.to(cd), n_rep).masked_fill(unread[..., None], 0)
+        logits.append((s_mem * scale).masked_fill(~keep, neg_inf))
+        weighers.append(lambda p, v=v_mem: p @ v)
     else:
-        sel_scores, sel_idx = knn_topk(query.to(cd), mem_keys.to(cd), topk, mem_lengths=mem_lengths, mem_mask=mem_mask)
+        sel_scores, sel_idx = knn_topk(q, mem_keys.to(cd), topk, mem_lengths=mem_lengths, mem_mask=mem_mask)
         v_mem = repeat_kv(mem_values.to(cd), n_rep)  # [B, Hq, M, D]
-        gathered = v_mem[:, :, None, :, :].expand(-1, -1, len_q, -1, -1) if num_slots > 0 else None
 
-        def weigh_selected(p: Tensor, idx: Tensor = sel_idx, v: Tensor | None = gathered) -> Tensor:
-            if v is None:
+        def weigh_selected(p: Tensor, idx: Tensor = sel_idx, v: Tensor = v_mem) -> Tensor:
+            if num_slots == 0:
                 return p.new_zeros(batch, num_q_heads, len_q, head_dim)
-            sel = idx.clamp_min(0)[..., None].expand(-1, -1, -1, -1, head_dim)  # [B, Hq, Lq, k, D]
-            v_sel = v.gather(3, sel).masked_fill(idx[..., None] < 0, 0)  # padding reads slot 0: weight 0
+            flat = idx.clamp_min(0).flatten(2)  # [B, Hq, Lq * k]: padding reads slot 0 with weight 0
+            v_sel = v.gather(2, flat[..., None].expand(-1, -1, -1, head_dim)).view(*idx.shape, head_dim)
+            v_sel = v_sel.masked_fill(idx[..., None] < 0, 0)
             return (p[..., None] * v_sel).sum(-2)
 
         logits.append(sel_scores.to(cd) * scale)  # padding is -inf, so it gets weight 0
-        values.append(weigh_selected)
+        weighers.append(weigh_selected)
 
     if not logits:
-        out = torch.zeros_like(query)
-        lse = torch.full((batch, num_q_heads, len_q), float("-inf"), dtype=cd, device=q.device)
-        return out, lse.to(torch.float32 if cd == torch.float32 else cd)
+        lse = torch.full((batch, num_q_heads, len_q), neg_inf, dtype=cd, device=q.device)
+        return torch.zeros_like(query), lse.to(torch.float32 if cd == torch.float32 else cd)
 
+    # One softmax over every part, written so that empty rows (and their gradients) stay finite.
     all_logits = torch.cat(logits, dim=-1)
-    lse = torch.logsumexp(all_logits, dim=-1)  # -inf for rows with no candidate
-    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(all_logits - safe_lse[..., None])
+    row_max = all_logits.amax(-1)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(all_logits - row_max[..., None])  # dropped entries: exp(-inf) = 0
+    total = weights.sum(-1)
+    empty = total == 0
+    probs = weights / torch.where(empty, 1.0, total)[..., None]
+    lse = torch.where(empty, neg_inf, row_max + torch.log(torch.where(empty, 1.0, total)))
     out = torch.zeros(batch, num_q_heads, len_q, head_dim, dtype=cd, device=q.device)
     start = 0
-    for part_logits, weigh in zip(logits, values):
+    for part_logits, weigh in zip(logits, weighers):
         width = part_logits.shape[-1]
         out = out + weigh(probs[..., start : start + width])
         start += width
+    out = torch.where(empty[..., None], 0.0, out)  # a row with no candidate reads no value at all
     return out.to(query.dtype), lse
-
-
-def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Exact log-sum-exp merge of partial attentions over disjoint candidate sets.
-
-    outs: each [..., D]; lses: each [...] (natural log). Returns (out in outs[0].dtype, lse).
-    A row where every part has lse -inf gets output 0 and lse -inf.
-    """
-    cd = compute_dtype(*outs, *lses)
-    lse_stack = torch.stack([x.to(cd) for x in lses])  # [P, ...]
-    lse = torch.logsumexp(lse_stack, dim=0)
-    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    weights = torch.exp(lse_stack - safe_lse)  # 0 for empty parts
-    out = sum(w[..., None] * o.to(cd) for w, o in zip(weights, outs))
-    return out.to(outs[0].dtype), lse.to(torch.float32 if cd == torch.float32 else cd)

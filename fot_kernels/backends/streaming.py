@@ -9,30 +9,40 @@
 Queries of the Hq / Hkv heads that share a kv head are stacked into one row block
 ``[B, Hkv, G * Lq, D]``, so every memory block is read once per kv head (grouped-query attention
 without repeating keys). The three kernels here have the signatures of the C++ CPU kernels
-(``torch.ops.fot_cpu.*``); the ``cpu`` backend runs the same composition with those. This backend
+(``torch.ops.fot.*``); the ``cpu`` backend runs the same composition with those. This backend
 is the last resort of ``backend="auto"`` on GPUs, for inputs the fused kernels do not serve;
 extra memory is O(Lq * (BLOCK + k)) per (batch, kv head).
+
+Gradients: when autograd records a call, the composition runs through ``fot_kernels.autograd``:
+the forward kernels (any of the kernel sets) save out, lse and the kNN selection, and
+``memory_attention_backward`` below recomputes the probabilities block by block from the saved
+lse (FlashAttention-2), within the forward's memory bound.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype, merge_attention, select_topk
+from .. import autograd
+from .._merge import compute_dtype, finite_rows, lse_dtype, merge_attention, select_topk
 
 NAME = "streaming"
 BLOCK = 1024  # memory slots per block
+GATHER_ENTRIES = 65536  # kNN backward: selected slots gathered at a time (B * Hkv * rows * k), each [D]
 
 
 def unsupported_reasons(op: str, query: Tensor, mem_keys: Tensor, **_: object) -> list[str]:
+    """Serves every validated input on any device; differentiable through PyTorch's autograd."""
     return []
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels: same signatures as torch.ops.fot_cpu.*
+# Kernels: same signatures as torch.ops.fot.*
 # --------------------------------------------------------------------------------------------
 
 
@@ -46,16 +56,31 @@ def _block_validity(batch: int, start: int, stop: int, mem_lengths: Tensor | Non
     return valid[:, None, None, :]
 
 
+def _finite_or_zero(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., L, D] with its non-finite rows zeroed, and which rows were finite [..., L]. A key
+    (query) row with a NaN/inf element scores non-finite against every query (key), so it is
+    dropped everywhere (docs/DESIGN.md 3.2); zeroing it keeps NaN out of values' weights and gradients."""
+    ok = finite_rows(x)
+    return torch.where(ok[..., None], x, 0), ok
+
+
+def _kept(s: Tensor, q_ok: Tensor, k_ok: Tensor) -> Tensor:
+    """Bool like s [..., N, C]: the score is finite (not dropped) and neither row was zeroed."""
+    return torch.isfinite(s) & q_ok[..., :, None] & k_ok[..., None, :]
+
+
 def knn_scan_torch(query: Tensor, mem_keys: Tensor, mem_lengths: Tensor | None, mem_mask: Tensor | None, k: int):
     """query [B, Hkv, N, D], mem_keys [B, Hkv, M, D] -> top-k (scores, indices) [B, Hkv, N, k]."""
     batch, heads, rows, _ = query.shape
     cd = compute_dtype(query, mem_keys)
     best_s = query.new_full((batch, heads, rows, 0), float("-inf"), dtype=cd)
     best_i = torch.full((batch, heads, rows, 0), -1, dtype=torch.int64, device=query.device)
+    q, q_ok = _finite_or_zero(query.to(cd))
     for start in range(0, mem_keys.shape[2], BLOCK):
         stop = min(start + BLOCK, mem_keys.shape[2])
-        s = query.to(cd) @ mem_keys[:, :, start:stop].to(cd).transpose(-1, -2)  # [B, Hkv, N, C]
-        sel = _block_validity(batch, start, stop, mem_lengths, mem_mask, query.device) & ~torch.isnan(s)
+        keys, k_ok = _finite_or_zero(mem_keys[:, :, start:stop].to(cd))
+        s = q @ keys.transpose(-1, -2)  # [B, Hkv, N, C]
+        sel = _block_validity(batch, start, stop, mem_lengths, mem_mask, query.device) & _kept(s, q_ok, k_ok)
         idx = torch.arange(start, stop, device=query.device).expand_as(s)
         best_s, best_i = select_topk(torch.cat([best_s, s], -1), torch.cat([best_i, idx], -1),
                                      torch.cat([best_i >= 0, sel], -1), k)  # fmt: skip
@@ -72,7 +97,7 @@ def flash_scan_torch(query, keys, values, mem_lengths, mem_mask, scale: float, c
     batch, heads, rows, head_dim = query.shape
     num_keys = keys.shape[2]
     cd = compute_dtype(query, keys, values)
-    q = query.to(cd)
+    q, q_ok = _finite_or_zero(query.to(cd))
     row_max = q.new_full((batch, heads, rows), float("-inf"))
     row_sum = q.new_zeros((batch, heads, rows))
     acc = q.new_zeros((batch, heads, rows, head_dim))
@@ -80,9 +105,10 @@ def flash_scan_torch(query, keys, values, mem_lengths, mem_mask, scale: float, c
         last_allowed = torch.arange(rows, device=q.device) % causal_lq + (num_keys - causal_lq)  # [N]
     for start in range(0, num_keys, BLOCK):
         stop = min(start + BLOCK, num_keys)
-        s = q @ keys[:, :, start:stop].to(cd).transpose(-1, -2)
+        k_blk, k_ok = _finite_or_zero(keys[:, :, start:stop].to(cd))
+        s = q @ k_blk.transpose(-1, -2)
         valid = _block_validity(batch, start, stop, mem_lengths, mem_mask, q.device)
-        keep = valid & ~torch.isnan(s)
+        keep = valid & _kept(s, q_ok, k_ok)
         if causal_lq > 0:
             keep = keep & (torch.arange(start, stop, device=q.device)[None, :] <= last_allowed[:, None])
         s = (s * scale).masked_fill(~keep, float("-inf"))
@@ -91,7 +117,8 @@ def flash_scan_torch(query, keys, values, mem_lengths, mem_mask, scale: float, c
         p = torch.exp(s - safe_max[..., None])
         correction = torch.exp(row_max - safe_max)
         row_sum = row_sum * correction + p.sum(-1)
-        v = values[:, :, start:stop].to(cd).masked_fill(~valid.transpose(-1, -2), 0)  # NaN in unused slots
+        unread = ~valid.transpose(-1, -2) | ~k_ok[..., None]  # [B, Hkv, C, 1]: NaN in unused/dropped slots
+        v = values[:, :, start:stop].to(cd).masked_fill(unread, 0)
         acc = acc * correction[..., None] + p @ v
         row_max = new_max
     empty = row_sum == 0
@@ -124,15 +151,16 @@ def gather_attention_torch(scores: Tensor, indices: Tensor, values: Tensor, scal
     return out, lse
 
 
-def kernel_set(ops, row_dtype) -> SimpleNamespace:
-    """The three kernels of a backend (``ops.knn_scan``, ``ops.flash_scan``,
-    ``ops.gather_attention``, e.g. ``torch.ops.fot_cpu``) and ``row_dtype(query, *operands)``,
-    the dtype its kernels take the stacked query rows in."""
-    return SimpleNamespace(knn_scan=ops.knn_scan, flash_scan=ops.flash_scan, gather_attention=ops.gather_attention,
-                           row_dtype=row_dtype)  # fmt: skip
+class Kernels(NamedTuple):
+    """The three kernels the composition runs: ``ops.knn_scan``, ``ops.flash_scan``,
+    ``ops.gather_attention`` (``torch.ops.fot`` for the C++ and CUDA kernels, or the PyTorch ones
+    above), and ``row_dtype(query, *operands)``, the dtype they take the stacked query rows in."""
+
+    ops: object
+    row_dtype: Callable[..., torch.dtype]
 
 
-TORCH_KERNELS = kernel_set(
+TORCH_KERNELS = Kernels(
     SimpleNamespace(knn_scan=knn_scan_torch, flash_scan=flash_scan_torch, gather_attention=gather_attention_torch),
     compute_dtype,
 )
@@ -149,41 +177,221 @@ def _group_queries(query: Tensor, num_kv_heads: int, dtype: torch.dtype) -> Tens
     return query.to(dtype).reshape(batch, num_kv_heads, (num_q_heads // num_kv_heads) * len_q, head_dim).contiguous()
 
 
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
 def _ungroup(x: Tensor, num_q_heads: int, len_q: int) -> Tensor:
     """[B, Hkv, G * Lq, ...] -> [B, Hq, Lq, ...]."""
     return x.reshape(x.shape[0], num_q_heads, len_q, *x.shape[3:])
 
 
-def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None,
-             kernels: SimpleNamespace = TORCH_KERNELS):  # fmt: skip
+def knn_topk(
+    query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None,
+    kernels: Kernels = TORCH_KERNELS,
+):
     rows = _group_queries(query, mem_keys.shape[1], kernels.row_dtype(query, mem_keys))
-    scores, indices = kernels.knn_scan(rows, mem_keys, mem_lengths, mem_mask, k)
+    scores, indices = kernels.ops.knn_scan(rows, mem_keys, mem_lengths, mem_mask, k)
     return _ungroup(scores, query.shape[1], query.shape[2]), _ungroup(indices, query.shape[1], query.shape[2])
 
 
 def memory_attention(
     query, key, value, mem_keys, mem_values, *, topk, causal, softmax_scale, mem_lengths, mem_mask,
-    kernels: SimpleNamespace = TORCH_KERNELS,
+    kernels: Kernels = TORCH_KERNELS,
 ) -> tuple[Tensor, Tensor]:
-    batch, num_q_heads, len_q, head_dim = query.shape
-    outs, lses = [], []
+    """The composition. When autograd records the call it runs through
+    ``fot_kernels.autograd`` (forward kernels, then the block-recomputing backward below), so that
+    the backward keeps the forward's memory bound; otherwise the forward kernels alone."""
+    forward = partial(_forward, topk=topk, causal=causal, softmax_scale=softmax_scale, kernels=kernels)
+    if autograd.needs_grad(query, key, value, mem_keys, mem_values):
+        backward = partial(memory_attention_backward, topk=topk, causal=causal, softmax_scale=softmax_scale)
+        composition = autograd.Composition(forward, backward)
+        return autograd.memory_attention(query, key, value, mem_keys, mem_values, mem_lengths, mem_mask, composition)
+    out, lse, _ = forward(query, key, value, mem_keys, mem_values, mem_lengths, mem_mask)
+    return out.to(query.dtype), lse
+
+
+def _forward(
+    query, key, value, mem_keys, mem_values, mem_lengths, mem_mask, *, topk, causal, softmax_scale, kernels: Kernels
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(out in the kernels' dtype, lse, kNN indices [B, Hkv, G * Lq, k] or None)."""
+    batch, num_q_heads, len_q, _ = query.shape
+    ops = kernels.ops
+    outs, lses, indices = [], [], None
     if key is not None and key.shape[2] > 0 and len_q > 0:
         rows = _group_queries(query, key.shape[1], kernels.row_dtype(query, key, value))
-        out, lse = kernels.flash_scan(rows, key, value, None, None, softmax_scale, len_q if causal else 0)
+        key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)  # local: small, any strides
+        out, lse = ops.flash_scan(rows, key, value, None, None, softmax_scale, len_q if causal else 0)
         outs.append(_ungroup(out, num_q_heads, len_q))
         lses.append(_ungroup(lse, num_q_heads, len_q))
     if mem_keys.shape[2] > 0 and len_q > 0:
         rows = _group_queries(query, mem_keys.shape[1], kernels.row_dtype(query, mem_keys, mem_values))
         if topk is None:
-            out, lse = kernels.flash_scan(rows, mem_keys, mem_values, mem_lengths, mem_mask, softmax_scale, 0)
+            out, lse = ops.flash_scan(rows, mem_keys, mem_values, mem_lengths, mem_mask, softmax_scale, 0)
         else:
-            scores, indices = kernels.knn_scan(rows, mem_keys, mem_lengths, mem_mask, topk)
-            out, lse = kernels.gather_attention(scores, indices, mem_values, softmax_scale)
+            scores, indices = ops.knn_scan(rows, mem_keys, mem_lengths, mem_mask, topk)
+            out, lse = ops.gather_attention(scores, indices, mem_values, softmax_scale)
         outs.append(_ungroup(out, num_q_heads, len_q))
         lses.append(_ungroup(lse, num_q_heads, len_q))
     if not outs:
-        lse_dtype = compute_dtype(query, key, value, mem_keys, mem_values)
-        lse = torch.full((batch, num_q_heads, len_q), float("-inf"), dtype=lse_dtype, device=query.device)
-        return query.new_zeros(query.shape), lse
+        cd = compute_dtype(query, key, value, mem_keys, mem_values)
+        lse = torch.full((batch, num_q_heads, len_q), float("-inf"), dtype=lse_dtype(cd), device=query.device)
+        return query.new_zeros(query.shape, dtype=cd), lse, indices
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else merge_attention(outs, lses)
-    return out.to(query.dtype), lse
+    return out, lse, indices
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: FlashAttention-2 style recomputation (the math is in fot_kernels/autograd.py)
+# --------------------------------------------------------------------------------------------
+
+
+class _Rows(NamedTuple):
+    """What every part's backward reads, on stacked rows [B, Hkv, N = G * Lq, ...] in the compute
+    dtype: queries (non-finite rows zeroed), dO, the lse with -inf replaced by +inf, and
+    D = rowsum(dO * O) - dlse. A row with lse -inf (a non-finite query, or nothing to attend to)
+    dropped every entry in the forward: exp(s - inf) = 0 gives each of its P the exact 0."""
+
+    q: Tensor
+    d_out: Tensor
+    lse: Tensor
+    delta: Tensor
+
+
+def memory_attention_backward(
+    grad_out, grad_lse, query, key, value, mem_keys, mem_values, out, lse, indices, mem_lengths, mem_mask, needs,
+    *, topk, causal, softmax_scale,
+) -> tuple[Tensor | None, ...]:
+    """Gradients (dq, dk, dv, d mem_keys, d mem_values), each in its input's dtype (None where
+    ``needs`` says it is not wanted), accumulated in the compute dtype. Extra memory: one
+    [N, BLOCK] probability block at a time (dense and local parts), [rows, k, D] gathered slots
+    (kNN part); never N x M. Dropped entries (invalid or masked slots, causally masked keys,
+    non-finite scores) have P = 0 and read zeroed keys/values, so their gradient is exactly 0."""
+    batch, num_q_heads, len_q, _ = query.shape
+    num_kv_heads = mem_keys.shape[1]
+    cd = compute_dtype(query, key, value, mem_keys, mem_values)
+    num_rows = (num_q_heads // num_kv_heads) * len_q
+    q, _ = _finite_or_zero(_group_queries(query, num_kv_heads, cd))
+    if grad_out is None:
+        d_out = q.new_zeros(q.shape)
+        delta = q.new_zeros(q.shape[:3])
+    else:
+        d_out = _group_queries(grad_out, num_kv_heads, cd)
+        delta = (d_out * _group_queries(out, num_kv_heads, cd)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(cd).reshape(batch, num_kv_heads, num_rows)
+    lse_rows = lse.to(cd).reshape(batch, num_kv_heads, num_rows)
+    rows = _Rows(q, d_out, lse_rows.masked_fill(torch.isneginf(lse_rows), float("inf")), delta)
+
+    dq = q.new_zeros(q.shape)
+    d_key = d_value = d_mem_keys = d_mem_values = None
+    if key is not None and key.shape[2] > 0 and len_q > 0:
+        d_key, d_value = _flash_scan_backward(rows, key, value, None, None, softmax_scale, len_q if causal else 0,
+                                              dq, needs[1], needs[2])  # fmt: skip
+    if mem_keys.shape[2] > 0 and len_q > 0:
+        if topk is None:
+            d_mem_keys, d_mem_values = _flash_scan_backward(rows, mem_keys, mem_values, mem_lengths, mem_mask,
+                                                            softmax_scale, 0, dq, needs[3], needs[4])  # fmt: skip
+        else:
+            d_mem_keys, d_mem_values = _gather_attention_backward(rows, indices, mem_keys, mem_values, softmax_scale,
+                                                                  dq, needs[3], needs[4])  # fmt: skip
+    d_query = _ungroup(dq, num_q_heads, len_q).to(query.dtype) if needs[0] else None
+    if key is not None:  # a part that did not run (no rows, no keys) has zero gradient
+        d_key = _zeros_if_none(d_key, key, needs[1])
+        d_value = _zeros_if_none(d_value, value, needs[2])
+    d_mem_keys = _zeros_if_none(d_mem_keys, mem_keys, needs[3])
+    d_mem_values = _zeros_if_none(d_mem_values, mem_values, needs[4])
+    return d_query, d_key, d_value, d_mem_keys, d_mem_values
+
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
+    if not needed:
+        return None
+    return grad if grad is not None else torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _flash_scan_backward(rows: _Rows, keys, values, mem_lengths, mem_mask, scale: float, causal_lq: int,
+                         dq: Tensor, need_dk: bool, need_dv: bool):  # fmt: skip
+    """Backward of ``flash_scan_torch`` over keys/values [B, Hkv, M, D], BLOCK keys at a time:
+    adds into dq [B, Hkv, N, D] (compute dtype), returns (dk, dv) in the keys'/values' dtypes."""
+    batch, _, num_rows, _ = rows.q.shape
+    num_keys = keys.shape[2]
+    cd = rows.q.dtype
+    dk = torch.zeros(keys.shape, dtype=keys.dtype, device=keys.device) if need_dk else None
+    dv = torch.zeros(values.shape, dtype=values.dtype, device=values.device) if need_dv else None
+    if causal_lq > 0:
+        last_allowed = torch.arange(num_rows, device=dq.device) % causal_lq + (num_keys - causal_lq)  # [N]
+    for start in range(0, num_keys, BLOCK):
+        stop = min(start + BLOCK, num_keys)
+        k_blk, k_ok = _finite_or_zero(keys[:, :, start:stop].to(cd))  # [B, Hkv, C, D]
+        col_ok = _block_validity(batch, start, stop, mem_lengths, mem_mask, dq.device) & k_ok[..., None, :]
+        # P in place, two [B, Hkv, N, C] blocks alive at most: s -> P, dP -> dS
+        p = rows.q @ k_blk.transpose(-1, -2)  # [B, Hkv, N, C] scores
+        p.masked_fill_(~col_ok, float("-inf"))  # invalid slots, non-finite keys: [B, Hkv, 1, C]
+        if causal_lq > 0:
+            p.masked_fill_(torch.arange(start, stop, device=dq.device)[None, :] > last_allowed[:, None], float("-inf"))
+        p.mul_(scale).sub_(rows.lse[..., None]).exp_()  # kept entries: <= 1; dropped (-inf): exactly 0
+        p.nan_to_num_(nan=0.0, posinf=0.0)  # a score that overflowed to +-inf (or NaN) was dropped
+        v_blk = values[:, :, start:stop].to(cd).masked_fill(~col_ok.transpose(-1, -2), 0)  # no NaN meets P = 0
+        ds = (rows.d_out @ v_blk.transpose(-1, -2)).sub_(rows.delta[..., None]).mul_(p)  # [B, Hkv, N, C]
+        dq.add_(ds @ k_blk, alpha=scale)
+        if dk is not None:
+            dk[:, :, start:stop] = (ds.transpose(-1, -2) @ rows.q).mul_(scale).to(dk.dtype)
+        if dv is not None:
+            dv[:, :, start:stop] = (p.transpose(-1, -2) @ rows.d_out).to(dv.dtype)
+    return dk, dv
+
+
+def _gather_attention_backward(rows: _Rows, indices: Tensor, mem_keys, mem_values, scale: float,
+                               dq: Tensor, need_dk: bool, need_dv: bool):  # fmt: skip
+    """Backward of the kNN part over the saved selection indices [B, Hkv, N, k] (-1 padding):
+    adds into dq, returns (d mem_keys, d mem_values) in the memory's dtypes, non-zero only at
+    selected slots. Slot gradients are summed with ``index_add_`` into an accumulator in the
+    compute dtype: the gradient itself when it has that dtype, else a compact buffer over the
+    touched slots only (never a compute-dtype copy of the whole memory). ``index_add_`` is
+    deterministic on the CPU (on CUDA only under ``torch.use_deterministic_algorithms``)."""
+    batch, heads, num_rows, k = indices.shape
+    num_slots, head_dim = mem_keys.shape[2], mem_keys.shape[3]
+    cd = rows.q.dtype
+    # slot ids in the flattened gradient [B * Hkv * M, D]; padding points at slot 0 of its (b, h)
+    # with a contribution of exactly 0
+    base = torch.arange(batch * heads, device=indices.device).view(batch, heads, 1, 1) * num_slots
+    flat_ids = indices.clamp_min(0) + base
+    grads, targets = [], []
+    for needed, like in ((need_dk, mem_keys), (need_dv, mem_values)):
+        if not needed:
+            grads.append(None)
+            targets.append(None)
+            continue
+        grad = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+        if like.dtype == cd:
+            targets.append((grad.view(-1, head_dim), flat_ids, None))
+        else:
+            touched, compact = torch.unique(flat_ids, return_inverse=True)  # sorted: deterministic
+            targets.append((grad.new_zeros((touched.numel(), head_dim), dtype=cd), compact, touched))
+        grads.append(grad)
+    step = max(1, GATHER_ENTRIES // (batch * heads * k))  # rows per block: [B, Hkv, step, k, D] gathered
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        idx = indices[:, :, start:stop]  # [B, Hkv, r, k]
+        pad = idx < 0
+        gather_at = idx.clamp_min(0).flatten(2)[..., None].expand(-1, -1, -1, head_dim)
+        shape = (batch, heads, stop - start, k, head_dim)
+        k_sel = mem_keys.gather(2, gather_at).view(shape).to(cd).masked_fill(pad[..., None], 0)  # [B, Hkv, r, k, D]
+        v_sel = mem_values.gather(2, gather_at).view(shape).to(cd).masked_fill(pad[..., None], 0)
+        q, d_out = rows.q[:, :, start:stop], rows.d_out[:, :, start:stop]  # [B, Hkv, r, D]
+        p = (k_sel @ q[..., None]).squeeze(-1).masked_fill_(pad, float("-inf"))  # [B, Hkv, r, k] scores
+        p.mul_(scale).sub_(rows.lse[:, :, start:stop, None]).exp_().nan_to_num_(nan=0.0, posinf=0.0)
+        ds = p * ((v_sel @ d_out[..., None]).squeeze(-1) - rows.delta[:, :, start:stop, None])  # [B, Hkv, r, k]
+        dq[:, :, start:stop] += (ds[..., None, :] @ k_sel).squeeze(-2) * scale
+        if targets[0] is not None:  # dk_j += scale * dS_ij q_i
+            acc, ids, _ = targets[0]
+            contrib = ds[..., None] * (q[..., None, :] * scale)  # [B, Hkv, r, k, D]
+            acc.index_add_(0, ids[:, :, start:stop].flatten(), contrib.flatten(0, -2))
+        if targets[1] is not None:  # dv_j += P_ij dO_i
+            acc, ids, _ = targets[1]
+            acc.index_add_(0, ids[:, :, start:stop].flatten(), (p[..., None] * d_out[..., None, :]).flatten(0, -2))
+    for grad, target in zip(grads, targets):
+        if target is not None and target[2] is not None:  # compact buffer -> the gradient's dtype
+            grad.view(-1, head_dim).index_copy_(0, target[2], target[0].to(grad.dtype))
+    return grads[0], grads[1]

@@ -2,7 +2,9 @@
 
 ``load()`` compiles csrc/cuda/{knn,attention}.cu and bindings.cpp as host C++ against a small CUDA
 emulator (this directory: stand-in CUDA headers, threads as fibers, WMMA fragments split across
-lanes, cp.async) and registers the same ops under ``torch.ops.fot_cuda_emu`` for CPU tensors. See
+lanes, cp.async) and registers the kernels as the CPU implementations of the package's ops under
+the emulator's own namespace, ``torch.ops.fot_cuda_emu`` (schemas and fake kernels from
+``fot_kernels._library.ops("fot_cuda_emu")``, the same ones ``torch.ops.fot`` has). See
 README.md for what the emulator checks (barrier and warp-collective convergence, WMMA and cp.async
 alignment, launch limits, shared-memory bounds and garbage, schedule-dependence, AddressSanitizer
 for global memory) and what it does not model.
@@ -14,15 +16,14 @@ import os
 import re
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc" / "cuda"
 # translated into the build directory; the .cu files find the translated headers there first
 TRANSLATED = (CSRC / "common.cuh", CSRC / "knn.cu", CSRC / "attention.cu", HERE / "selftest.cu")
 
-# kernel<<<grid, block, smem, stream>>>(args)  ->  ::fot_emu::launcher(kernel, "kernel", grid, block, smem, stream)(args)
+# kernel<<<grid, block, smem, stream>>>(args)
+#   ->  ::fot_emu::launcher(kernel, "kernel", grid, block, smem, stream)(args)
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ()]*>)?)<<<")
 # extern __shared__ __align__(N) T name[];  ->  T* name = reinterpret_cast<T*>(::fot_emu::dynamic_smem());
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
@@ -30,6 +31,7 @@ _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w 
 # __shared__ T name[dims];  ->  a reference to block-scoped storage, poisoned at every block start
 _STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
 
+NAMESPACE = "fot_cuda_emu"  # bindings.cpp's FOT_OPS_NAMESPACE in this build; control.cpp's emu_* ops too
 _OPS = None
 
 
@@ -54,7 +56,8 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def load(verbose: bool | None = None, *, sanitize: bool | None = None):
-    """Builds (once per process; ninja caches across processes) and returns torch.ops.fot_cuda_emu.
+    """Builds (once per process; ninja caches across processes) and returns torch.ops.fot_cuda_emu:
+    knn_scan, flash_scan, gather_attention (csrc/cuda's kernels for CPU tensors) and emu_* (control.cpp).
 
     sanitize=True (default: FOT_CUDA_EMU_SANITIZE=1) builds with AddressSanitizer, which reports
     out-of-bounds reads and writes of global memory (the tensors' storage); such a build loads only
@@ -64,7 +67,7 @@ def load(verbose: bool | None = None, *, sanitize: bool | None = None):
         return _OPS
     from torch.utils import cpp_extension
 
-    from fot_kernels.backends import cuda
+    from fot_kernels import _library
 
     if sanitize is None:
         sanitize = os.environ.get("FOT_CUDA_EMU_SANITIZE") == "1"
@@ -80,8 +83,9 @@ def load(verbose: bool | None = None, *, sanitize: bool | None = None):
             sources.append(str(target))
     if verbose is None:
         verbose = os.environ.get("FOT_KERNELS_CPU_EXT_VERBOSE") == "1"
-    flags = ["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-DFOT_CUDA_EMULATION", "-DFOT_CUDA_NO_PYTHON_MODULE",
-             "-Wall", "-Wextra", "-Wno-unused-parameter"]  # fmt: skip
+    flags = ["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-Wall", "-Wextra", "-Wno-unused-parameter",
+             "-DFOT_CUDA_EMULATION", "-DFOT_CUDA_NO_PYTHON_MODULE",
+             f"-DFOT_OPS_NAMESPACE={NAMESPACE}", "-DFOT_OPS_DISPATCH_KEY=CPU"]  # fmt: skip
     asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
     cpp_extension.load(
         name=name,
@@ -93,8 +97,11 @@ def load(verbose: bool | None = None, *, sanitize: bool | None = None):
         is_python_module=False,
         verbose=verbose,
     )
-    cuda.register_fakes("fot_cuda_emu")
-    _OPS = torch.ops.fot_cuda_emu
+    ops = _library.ops(NAMESPACE)  # the schemas and fakes; the library above registered the kernels
+    missing = [op for op in _library.SCHEMAS if not _library.has_kernel(op, "CPU", NAMESPACE)]
+    if missing:
+        raise RuntimeError(f"the CUDA emulator build registered no CPU kernel for {NAMESPACE}::{missing}")
+    _OPS = ops
     return _OPS
 
 
@@ -130,8 +137,17 @@ def selftest(which: int) -> tuple[str, int]:
     return tuple(load().emu_selftest(which))
 
 
-def plan(kind: str, *, rows: int, head_dim: int, k: int = 0, tensor_cores: bool, smem_optin: int,
-         num_sms: int = 132, slots: int = 1 << 20) -> dict | None:
+def plan(
+    kind: str,
+    *,
+    rows: int,
+    head_dim: int,
+    k: int = 0,
+    tensor_cores: bool,
+    smem_optin: int,
+    num_sms: int = 132,
+    slots: int = 1 << 20,
+) -> dict | None:
     """The launch plan csrc/cuda's own code (knn_plan / flash_plan) picks for `kind` ("knn" or
     "flash") on a device with that much opt-in shared memory per block: {"bm", "bn", "smem",
     "splits"}, or None when nothing fits."""

@@ -22,7 +22,7 @@ import os
 import torch
 from torch import Tensor
 
-from .. import capability_reasons, dtype_reasons
+from .. import capability_reasons, dtype_reasons, grad_reasons
 from . import _configs as C
 
 NAME = "triton"
@@ -42,7 +42,7 @@ def _interpret() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -64,9 +64,10 @@ def unsupported_reasons(
     value: Tensor | None = None,
     mem_values: Tensor | None = None,
     topk: int | None = None,
+    needs_grad: bool = False,
 ) -> list[str]:
     """Why this backend cannot serve ``op`` for these (validated) inputs; empty if it can."""
-    reasons = []
+    reasons = grad_reasons("triton", needs_grad)
     reason = _triton_import_reason()
     if reason:
         reasons.append(reason)
@@ -117,6 +118,22 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+def _check_local_geometry(key: Tensor | None, value: Tensor | None, mem_keys: Tensor) -> None:
+    """The attention kernel reads local keys/values with the memory's (batch, kv head) index and
+    head dim: anything else would read the wrong heads or out of bounds, so it is refused here even
+    though the public ops' validation rejects it first (docs/DESIGN.md 3.2)."""
+    if key is None and value is None:
+        return
+    if key is None or value is None:
+        raise ValueError("triton memory_attention: key and value must both be given or both be None")
+    b, h, _, d = mem_keys.shape
+    if key.shape[:2] != (b, h) or key.shape[3] != d or value.shape != key.shape:
+        raise ValueError(
+            f"triton memory_attention: local key {tuple(key.shape)} and value {tuple(value.shape)} must be "
+            f"[B, Hkv, Lk, D] with the memory's B, Hkv and D: mem_keys {tuple(mem_keys.shape)}"
+        )
+
+
 def _num_splits(n_programs: int, num_slots: int, block_n: int, device, splits: int | None) -> int:
     """Memory splits per (row block, kv head): enough programs for about two waves on the GPU,
     at least 8 tiles per split."""
@@ -125,7 +142,8 @@ def _num_splits(n_programs: int, num_slots: int, block_n: int, device, splits: i
         return max(1, min(splits, max_splits))
     if device.type != "cuda":
         return 1
-    want = math.ceil(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) / n_programs)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = math.ceil(2 * _sm_count(index) / n_programs)
     return max(1, min(want, math.ceil(num_slots / (8 * block_n))))
 
 
@@ -138,8 +156,9 @@ def knn_topk(
     mem_mask: Tensor | None,
     splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k by inner product (DESIGN.md 3.1): query [B, Hq, Lq, D], mem_keys [B, Hkv, M, D]
+    """Exact top-k by inner product (docs/DESIGN.md 3.1): query [B, Hq, Lq, D], mem_keys [B, Hkv, M, D]
     -> (scores fp32 [B, Hq, Lq, k] descending, indices int64 [B, Hq, Lq, k]; tail (-inf, -1)).
+    Slots whose fp32 score is NaN or +-inf are never selected.
 
     ``splits`` (tests, benchmarks) forces the number of memory splits per row block; by default it
     is chosen to fill the GPU.
@@ -166,7 +185,9 @@ def knn_topk(
     n_split = max(1, math.ceil(num_slots / split_len))
     lengths, mask, smask_b, smask_m = _validity_args(mk, mem_lengths, mem_mask)
     final = n_split == 1
-    part = _dummy(device) if final else torch.empty(batch * num_q_heads * len_q, n_split, cfg.K, dtype=torch.int64, device=device)
+    part = _dummy(device)
+    if not final:
+        part = torch.empty(batch * num_q_heads * len_q, n_split, cfg.K, dtype=torch.int64, device=device)
     grid = (row_blocks, batch * num_kv_heads, n_split)
     _knn_scan_kernel[grid](
         q, mk, lengths, mask, scores, indices, part,
@@ -183,8 +204,9 @@ def knn_topk(
     if not final:
         total = batch * num_q_heads * len_q
         bm = C.knn_merge_block(cfg.K)
-        _knn_merge_kernel[(math.ceil(total / bm),)](part, scores, indices, total, n_split, k, BM=bm, K=cfg.K, num_warps=4,
-                                                             maxnreg=C.MAXNREG)
+        _knn_merge_kernel[(math.ceil(total / bm),)](
+            part, scores, indices, total, n_split, k, BM=bm, K=cfg.K, num_warps=4, maxnreg=C.MAXNREG
+        )
     return scores, indices
 
 
@@ -202,13 +224,16 @@ def memory_attention(
     mem_mask: Tensor | None,
     splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Joint softmax over [local (causal) keys | memory] (DESIGN.md 3.2): returns
+    """Joint softmax over [local (causal) keys | memory] (docs/DESIGN.md 3.2): returns
     (out [B, Hq, Lq, D] in query.dtype, lse fp32 [B, Hq, Lq]). key/value None: memory part only.
-    topk None: dense memory (every valid slot); else the ``knn_topk`` selection of topk slots."""
+    topk None: dense memory (every valid slot); else the ``knn_topk`` selection of topk slots.
+    Candidates (local or memory) whose unscaled fp32 score is NaN or +-inf are dropped, their values
+    unread; a row left with none gets out 0 and lse -inf."""
     from ._attention import _attn_fwd_kernel
 
     batch, num_q_heads, len_q, head_dim = query.shape
     num_kv_heads, num_slots = mem_keys.shape[1], mem_keys.shape[2]
+    _check_local_geometry(key, value, mem_keys)
     device = query.device
     out = torch.empty(batch, num_q_heads, len_q, head_dim, dtype=query.dtype, device=device)
     lse = torch.empty(batch, num_q_heads, len_q, dtype=torch.float32, device=device)

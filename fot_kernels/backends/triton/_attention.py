@@ -4,10 +4,12 @@
 ``_attn_fwd_kernel`` grid: (row blocks, B * Hkv). Rows are (query head of the kv group, query)
 pairs of one kv head, as in the kNN scan. MEM_MODE selects the memory part:
 - 0: none (plain local attention);
-- 1: dense: every valid memory slot, tile by tile with ``tl.dot``, padding mask + NaN drop;
+- 1: dense: every valid memory slot, tile by tile with ``tl.dot``, padding mask;
 - 2: kNN: the slots listed in IDX ([B, Hq, Lq, k] int64, -1 = none) are re-scored exactly (fp32
   products of the gathered keys) and their values gathered, one candidate per row per step.
-See README.md beside this file for the invariants.
+In every part a candidate whose unscaled fp32 score is NaN or +-inf is dropped (docs/DESIGN.md 3.2), and
+the value row of a key with a NaN/inf element is never read (0 * inf would be NaN). See README.md
+beside this file for the invariants.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import tile_dot
+from ._common import finite, tile_dot
 
 
 @triton.jit
@@ -30,8 +32,22 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def live_columns(ok, b_kt, col_ok, BY_KEYS: tl.constexpr):
+    """Columns of a flash tile whose value rows are read (the others are loaded as 0): ok [BM, BN]
+    the candidates each row keeps, b_kt [BD, BN] the key tile, col_ok [BN] the valid columns ->
+    bool [BN]. Never a column whose key has a NaN/inf element: its score is non-finite for every
+    query, so its weight is 0 in every row, and 0 * inf would be NaN in P @ V. BY_KEYS (the fp32 /
+    3xTF32 path): valid columns with a finite key; else: the columns some row keeps. Both are
+    exact; each is the one that fits its path's registers without spills (the compile table)."""
+    if BY_KEYS:
+        return col_ok & (tl.min(finite(b_kt).to(tl.int32), 0) > 0)
+    else:
+        return tl.max(ok.to(tl.int32), 0) > 0
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, MK, MV, IDX, MLEN, MMASK, O, LSE,
+    Q, K, V, MK, MV, IDX, MLEN, MMASK, OUT, LSE,
     sqb, sqh, sql,
     skb, skh, skl,
     svb, svh, svl,
@@ -73,14 +89,17 @@ def _attn_fwd_kernel(
         for n0 in range(0, hi, BN):
             offs_n = n0 + tl.arange(0, BN)  # [BN]
             n_ok = offs_n < Lk
-            b_kt = tl.load(p_k + offs_n[None, :] * skl + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
-            b_s = tile_dot(b_q, b_kt, tl.zeros([BM, BN], tl.float32), LOCAL_FP32, INTERPRET) * qk_scale  # [BM, BN]
-            allowed = n_ok[None, :] & row_ok[:, None]
+            p_kt = p_k + offs_n[None, :] * skl + offs_d[:, None]
+            b_kt = tl.load(p_kt, mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
+            b_s = tile_dot(b_q, b_kt, tl.zeros([BM, BN], tl.float32), LOCAL_FP32, INTERPRET)  # [BM, BN] unscaled
+            ok = n_ok[None, :] & row_ok[:, None] & finite(b_s)
             if CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= i[:, None] + (Lk - Lq))
-            b_s = tl.where(allowed, b_s, float("-inf"))
+                ok = ok & (offs_n[None, :] <= i[:, None] + (Lk - Lq))
+            b_s = tl.where(ok, b_s * qk_scale, float("-inf"))
             m_i, l_i, alpha, b_p = _softmax_step(b_s, m_i, l_i)
-            b_v = tl.load(p_v + offs_n[:, None] * svl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
+            live = live_columns(ok, b_kt, n_ok, LOCAL_FP32)  # [BN] the other value rows read as 0
+            p_vt = p_v + offs_n[:, None] * svl + offs_d[None, :]
+            b_v = tl.load(p_vt, mask=live[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
             if not LOCAL_FP32:
                 b_p = b_p.to(b_v.dtype)
             acc = tile_dot(b_p, b_v, acc * alpha[:, None], LOCAL_FP32, INTERPRET)
@@ -94,20 +113,22 @@ def _attn_fwd_kernel(
         for n0 in range(0, m_end, BN):
             offs_n = n0 + tl.arange(0, BN)  # [BN]
             n_ok = offs_n < m_end
-            if OFF64:
-                offs_nk = offs_n.to(tl.int64)
-            else:
-                offs_nk = offs_n
-            b_kt = tl.load(p_mk + offs_nk[None, :] * smkm + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
-            b_s = tile_dot(b_q, b_kt, tl.zeros([BM, BN], tl.float32), MEM_FP32, INTERPRET)  # [BM, BN]
+            offs_nk = offs_n.to(tl.int64) if OFF64 else offs_n
+            p_mkt = p_mk + offs_nk[None, :] * smkm + offs_d[:, None]
+            b_kt = tl.load(p_mkt, mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
+            b_s = tile_dot(b_q, b_kt, tl.zeros([BM, BN], tl.float32), MEM_FP32, INTERPRET)  # [BM, BN] unscaled
             slot_ok = n_ok  # [BN] valid slots
             if HAS_MASK:
-                slot_ok = slot_ok & (tl.load(MMASK + b.to(tl.int64) * smask_b + offs_nk * smask_m, mask=n_ok, other=0) != 0)
-            ok = slot_ok[None, :] & row_ok[:, None] & (b_s == b_s)  # NaN scores are dropped like masked slots
+                p_mask = MMASK + b.to(tl.int64) * smask_b + offs_nk * smask_m
+                slot_ok = slot_ok & (tl.load(p_mask, mask=n_ok, other=0) != 0)
+            ok = slot_ok[None, :] & row_ok[:, None] & finite(b_s)  # non-finite scores are dropped like masked slots
             b_s = tl.where(ok, b_s * qk_scale, float("-inf"))
             m_i, l_i, alpha, b_p = _softmax_step(b_s, m_i, l_i)
-            # values of invalid slots are read as 0: their weight 0 must not meet a NaN in unused capacity
-            b_v = tl.load(p_mv + offs_nk[:, None] * smvm + offs_d[None, :], mask=slot_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
+            # value rows of invalid slots (unused capacity) and non-finite keys are read as 0: their
+            # weight 0 must not meet a NaN or inf there
+            live = live_columns(ok, b_kt, slot_ok, MEM_FP32)  # [BN]
+            p_mvt = p_mv + offs_nk[:, None] * smvm + offs_d[None, :]
+            b_v = tl.load(p_mvt, mask=live[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
             if not MEM_FP32:
                 b_p = b_p.to(b_v.dtype)
             acc = tile_dot(b_p, b_v, acc * alpha[:, None], MEM_FP32, INTERPRET)
@@ -124,7 +145,7 @@ def _attn_fwd_kernel(
             gmask = ok[:, None] & d_ok[None, :]
             b_kg = tl.load(p_mk + idx[:, None] * smkm + offs_d[None, :], mask=gmask, other=0.0)  # [BM, BD]
             b_s = tl.sum(b_qf * b_kg.to(tl.float32), 1)  # [BM] exact fp32 re-score
-            ok = ok & (b_s == b_s)
+            ok = ok & finite(b_s)  # the scan selects finite scores only; kept as the same rule here
             b_s = tl.where(ok, b_s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, b_s)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,13 +153,15 @@ def _attn_fwd_kernel(
             b_p = tl.exp2(b_s - m_safe)  # [BM]
             l_i = l_i * alpha + b_p
             m_i = m_new
-            b_vg = tl.load(p_mv + idx[:, None] * smvm + offs_d[None, :], mask=gmask, other=0.0)  # [BM, BD]
+            # a dropped candidate's value is not read: weight 0 must not meet its inf or NaN
+            b_vg = tl.load(p_mv + idx[:, None] * smvm + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + b_p[:, None] * b_vg.to(tl.float32)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    b_o = acc / l_safe[:, None]  # [BM, BD]; 0 for rows with no candidate
+    b_o = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])  # [BM, BD]; a row with no candidate reads no value
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # [BM] natural log
     flat = pid_bh.to(tl.int64) * n_rows + rows  # [BM] row of the [B, Hq, Lq] output
-    tl.store(O + flat[:, None] * D + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    p_o = OUT + flat[:, None] * D + offs_d[None, :]
+    tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + flat, lse, mask=row_ok)

@@ -6,8 +6,9 @@ whose signed order is the contract's order (score descending, then index ascendi
     key = (ord32(s) << 32) | (0xFFFFFFFF - m),   ord32(s) = bits(s) ^ ((bits(s) >> 31) & 0x7FFFFFFF)
 
 ``ord32`` maps fp32 bit patterns to int32 monotonically (negative floats have all but the sign
-bit flipped). Non-candidates get ``EMPTY = INT64_MIN``, below every real key (ord32(-inf) > INT32_MIN),
-so they sort last and unpack as (-inf, -1).
+bit flipped). Only finite scores are packed (NaN and +-inf scores are never candidates).
+Non-candidates get ``EMPTY = INT64_MIN``, below every real key (ord32 of any float > INT32_MIN), so
+they sort last and unpack as (-inf, -1).
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ EMPTY_KEY = tl.constexpr(-(2**63))
 
 
 @triton.jit
+def finite(x):
+    """float [...] -> bool [...]: x is neither NaN nor +-inf (NaN compares false). Scores failing it
+    are dropped everywhere (docs/DESIGN.md 3.2): one abs and one compare per score, no extra pass."""
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
 def pack_keys(s, idx):
-    """s fp32 [...] (not NaN; -0.0 is folded to +0.0 so that equal scores tie on the index),
+    """s fp32 [...] (finite; -0.0 is folded to +0.0 so that equal scores tie on the index),
     idx int32/int64 [...] slot numbers -> int64 keys [...]."""
     s = tl.where(s == 0.0, 0.0, s)
     bits = s.to(tl.int32, bitcast=True)

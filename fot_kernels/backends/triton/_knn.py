@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import EMPTY_KEY, merge_topk, pack_keys, tile_dot, unpack_keys
+from ._common import EMPTY_KEY, finite, merge_topk, pack_keys, tile_dot, unpack_keys
 
 
 @triton.jit
@@ -55,12 +55,10 @@ def _knn_scan_kernel(
     for n0 in range(start, end, BN):
         offs_n = n0 + tl.arange(0, BN)  # [BN]
         n_ok = offs_n < end
-        if OFF64:
-            offs_nk = offs_n.to(tl.int64)
-        else:
-            offs_nk = offs_n
+        offs_nk = offs_n.to(tl.int64) if OFF64 else offs_n
         if DC == BD:
-            b_kt = tl.load(p_mk + offs_nk[None, :] * smm + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
+            p_kt = p_mk + offs_nk[None, :] * smm + offs_d[:, None]
+            b_kt = tl.load(p_kt, mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
             b_s = tile_dot(b_q, b_kt, tl.zeros([BM, BN], tl.float32), DOT_FP32, INTERPRET)  # [BM, BN]
         else:  # wide heads / fp32: the product runs over head-dim chunks, query chunks re-read (L1-resident)
             b_s = tl.zeros([BM, BN], tl.float32)
@@ -68,12 +66,13 @@ def _knn_scan_kernel(
                 offs_c = d0 + tl.arange(0, DC)  # [DC]
                 c_ok = offs_c < D
                 b_qc = tl.load(p_q + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # [BM, DC]
-                b_kc = tl.load(p_mk + offs_nk[None, :] * smm + offs_c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # [DC, BN]
+                p_kc = p_mk + offs_nk[None, :] * smm + offs_c[:, None]
+                b_kc = tl.load(p_kc, mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # [DC, BN]
                 b_s = tile_dot(b_qc, b_kc, b_s, DOT_FP32, INTERPRET)
         ok = n_ok
         if HAS_MASK:
             ok = ok & (tl.load(MMASK + b.to(tl.int64) * smask_b + offs_nk * smask_m, mask=n_ok, other=0) != 0)
-        ok = (ok[None, :] & row_ok[:, None]) & (b_s == b_s)  # [BM, BN]; NaN scores are never candidates
+        ok = (ok[None, :] & row_ok[:, None]) & finite(b_s)  # [BM, BN]; NaN and +-inf scores are never candidates
         keys = tl.where(ok, pack_keys(b_s, offs_n[None, :]), EMPTY_KEY)  # [BM, BN]
         # per-row threshold: the K-th key so far; a tile with nothing above it for any row is skipped
         thr = tl.min(run, axis=1)  # [BM]
