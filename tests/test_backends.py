@@ -155,6 +155,13 @@ def test_empty_memory_and_memory_only(topk, impl):
     assert_close_to_reference(lse, ref_lse, ref_lse_lo, "lse")
 
 
+@pytest.mark.parametrize("topk", [None, 3])
+def test_no_local_key_and_no_memory_slot(topk, impl):
+    case = make_case(1, 4, 2, 5, 0, 0, 24, device=impl.device)
+    out, lse = _attention_against_reference(impl, case, torch.float32, topk=topk)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
 def test_topk_at_least_memory_size_equals_dense(impl):
     case = make_case(2, 4, 2, 16, 16, 40, 32, lengths=True, mask=True, device=impl.device)
     args = (case.query, case.key, case.value, case.mem_keys, case.mem_values)

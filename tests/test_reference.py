@@ -91,3 +91,10 @@ def test_reference_runs_in_float64():
     out, lse = reference.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, topk=3)
     scores, _ = reference.knn_topk(case.query, case.mem_keys, 3)
     assert out.dtype == lse.dtype == scores.dtype == torch.float64
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_no_local_key_and_no_memory_slot(topk):
+    case = make_case(1, 2, 1, 3, 0, 0, 4)
+    out, lse = reference.memory_attention(case.query, case.key, case.value, case.mem_keys, case.mem_values, topk=topk)
+    assert (out == 0).all() and torch.isneginf(lse).all() and out.shape == case.query.shape

@@ -183,7 +183,7 @@ def memory_attention(
         logits.append(sel_scores.to(cd) * scale)  # padding is -inf, so it gets weight 0
         weighers.append(weigh_selected)
 
-    if not logits:
+    if sum(part.shape[-1] for part in logits) == 0:  # no local key and no memory slot at all
         lse = torch.full((batch, num_q_heads, len_q), neg_inf, dtype=cd, device=q.device)
         return torch.zeros_like(query), lse.to(torch.float32 if cd == torch.float32 else cd)
 
