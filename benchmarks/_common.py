@@ -41,27 +41,54 @@ CSV_FIELDS = (
 
 TOTAL = "total"  # lap name of a whole call
 
-#: ``--mode`` of the benchmark scripts -> the CSV ``mode`` column (Liger-Kernel's names). Only the
-#: forward pass so far. "bwd" (the backward alone, its forward outside the timing) and "fwdbwd"
-#: (forward + backward) are planned: each will be one entry here ("backward", "full") and one branch
-#: in :func:`timed_fn`; the scripts build every timed callable through :func:`timed_fn` already.
-MODES = {"fwd": "forward"}
-PLANNED_MODES = ("bwd", "fwdbwd")
+#: ``--mode`` of the benchmark scripts -> the CSV ``mode`` column (Liger-Kernel's names). ``fwd``:
+#: the forward pass; ``bwd``: the backward pass alone (its forward runs untimed in the same call,
+#: see :data:`RESTART`); ``fwdbwd``: forward + backward. A script lists the modes it implements in
+#: :func:`add_mode_argument` (bench_gpu.py: fwd only so far; bench_cpu.py: all three).
+MODES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "full"}
+#: lap name that restarts a call's clock (:func:`_timed_call`): what ran before it is not timed
+RESTART = "restart"
 
 
-def add_mode_argument(parser) -> None:
-    """The ``--mode`` option shared by the benchmark scripts."""
-    parser.add_argument("--mode", choices=tuple(MODES), default="fwd",
-                        help="what is timed: fwd = the forward pass (default; the only mode so far: "
-                             f"{' and '.join(PLANNED_MODES)} are planned)")  # fmt: skip
+def add_mode_argument(parser, modes: Sequence[str] = ("fwd",), default: str | None = "fwd") -> None:
+    """The ``--mode`` option shared by the benchmark scripts; ``modes``: those the script implements."""
+    what = {"fwd": "fwd = the forward pass", "bwd": "bwd = the backward pass alone (its forward untimed)",
+            "fwdbwd": "fwdbwd = forward + backward of sum(out * grad_out) w.r.t. every input"}  # fmt: skip
+    planned = [m for m in MODES if m not in modes]
+    parser.add_argument("--mode", choices=tuple(modes), default=default,
+                        help="what is timed: " + ", ".join(what[m] for m in modes)
+                             + (f" ({' and '.join(planned)}: not implemented here yet)" if planned else "")
+                             + (f"; default {default}" if default else ""))  # fmt: skip
 
 
-def timed_fn(mode: str, forward: Callable[[], object]) -> Callable[[], object]:
+def timed_fn(mode: str, forward: Callable[[], object], inputs: Sequence = (), grad_out=None) -> Callable[..., object]:
     """The callable that ``mode`` times, built from an op's (or a baseline's) forward call.
-    ``fwd``: the forward call itself."""
+
+    ``fwd``: the forward call itself (no arguments). ``bwd`` / ``fwdbwd``: a callable
+    ``call(restart=None) -> (out detached, grads)`` that runs the forward and then the backward of
+    ``sum(out * grad_out)`` (``torch.autograd.grad(out, inputs, grad_out)``: the same gradients
+    without the product), ``grads`` = the gradients of ``inputs`` (tensors that require grad), in
+    their order. ``bwd`` calls ``restart()`` between the two, which restarts the clock of the call
+    (``lap(RESTART)`` of :func:`measure`), so that only the backward is timed; the forward's graph
+    is built anew every call, outside the timing."""
     if mode == "fwd":
         return forward
-    raise ValueError(f"benchmark mode {mode!r} is not implemented (implemented: {', '.join(MODES)})")
+    if mode not in MODES:
+        raise ValueError(f"benchmark mode {mode!r} is not implemented (implemented: {', '.join(MODES)})")
+    import torch
+
+    inputs = tuple(inputs)
+    if not inputs or not all(t.requires_grad for t in inputs):
+        raise ValueError(f"mode {mode!r} needs input tensors that require grad")
+
+    def call(restart: Callable[[], None] | None = None) -> tuple[object, tuple]:
+        out = forward()
+        if mode == "bwd" and restart is not None:
+            restart()
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        return out.detach(), grads
+
+    return call
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,10 +121,21 @@ class Measurement:
 
 
 def _timed_call(fn: Callable[[Callable[[str], None]], object]) -> tuple[object, dict[str, float]]:
-    start = time.perf_counter()
+    """Run ``fn(lap)``; ``lap(name)`` records the time since the start, ``lap(RESTART)`` restarts
+    the clock (the laps before it are dropped: bwd mode's untimed forward)."""
+    start = [time.perf_counter()]
     laps: dict[str, float] = {}
-    result = fn(lambda name: laps.__setitem__(name, time.perf_counter() - start))
-    laps[TOTAL] = time.perf_counter() - start
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        if name == RESTART:
+            start[0] = now
+            laps.clear()
+        else:
+            laps[name] = now - start[0]
+
+    result = fn(lap)
+    laps[TOTAL] = time.perf_counter() - start[0]
     return result, laps
 
 

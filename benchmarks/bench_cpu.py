@@ -5,6 +5,7 @@ Run (from the repository root, after ``pip install -e .[bench]``)::
     python benchmarks/bench_cpu.py                      # default grid (see --help), ~10 minutes on 2 quiet cores
     python benchmarks/bench_cpu.py --quick              # ~1-2 minute smoke run on small shapes
     python benchmarks/bench_cpu.py --only dense-vs-sdpa # dense memory attention vs SDPA, Lq 256/1024 x M 16k/64k
+    python benchmarks/bench_cpu.py --only fwdbwd        # forward + backward, dense and kNN, Lq 1024 x M 16k/64k
     python benchmarks/bench_cpu.py --m 64k 256k --lq 1024 --ops knn_attention --providers fot_kernels faiss
 
 What is measured (B=1, fp32 query; memory fp32, plus one bf16-memory point):
@@ -19,11 +20,23 @@ What is measured (B=1, fp32 query; memory fp32, plus one bf16-memory point):
   the running top-k; + the same torch attention); dense mode: ``sdpa_concat`` (torch SDPA over
   cat([memory, local]) with a bool mask, concatenation and mask made per call: what a user writes
   today) and ``sdpa_call_only`` (the same SDPA call on a concatenation made outside the timing);
-  ``torch_qk`` / ``numpy_qk``: the score product q @ K^T alone (MKL / OpenBLAS). The baselines are
-  in benchmarks/baselines.py.
+  ``torch_qk`` / ``numpy_qk``: the score product q @ K^T alone (MKL / OpenBLAS); ``longllama``
+  (not run by default): LongLLaMA's released computation, scores materialised per group of heads
+  and queries, dense or thresholded at each row's k-th memory score. The baselines are in
+  benchmarks/baselines.py.
+- ``--mode``: ``fwd`` (default) times the forward call; ``fwdbwd`` the forward and the backward of
+  sum(out * grad_out) w.r.t. q, k, v, mem_k, mem_v (``torch.autograd.grad``); ``bwd`` the backward
+  alone (the forward runs untimed in the same call, its graph built anew each time). In bwd /
+  fwdbwd only the attention ops and the providers fot_kernels, sdpa_concat, sdpa_call_only and
+  longllama run (sdpa_concat's concatenation, mask and cat backward inside the timing); each
+  provider's output and five gradients are checked at every point against a float64
+  recomputation over the first and last kv heads (every row and slot of them; kNN: over the exact
+  top-k, the query rows whose k-th/(k+1)-th scores are a near-tie getting zero grad_out).
 - Median, p20 and p80 of the timed calls after one warm-up call (a first call longer than
   ``--max-seconds``/4 counts as a sample instead); the first call's result is checked for
-  correctness and its peak extra resident memory is reported (``fot_kernels.testing.peak_memory``).
+  correctness and its peak extra resident memory is reported (``fot_kernels.testing.peak_memory``;
+  in bwd / fwdbwd it includes the forward and the gradients returned, and is also given beyond
+  those gradients).
   GFLOP/s counts the score product only, 2 * B * Hq * Lq * M * D flops, for every op and
   provider, so that rates are comparable.
 - Correctness at every point: fot_kernels' knn_topk selection against faiss's (exact float64
@@ -74,10 +87,25 @@ PROVIDER_OPS = {
     "chunked_loop": ("knn_topk", "knn_attention"),
     "sdpa_concat": ("dense_attention",),
     "sdpa_call_only": ("dense_attention",),
+    "longllama": ("dense_attention", "knn_attention"),
     "torch_qk": ("dense_attention",),
     "numpy_qk": ("dense_attention",),
 }
 PROVIDERS = tuple(PROVIDER_OPS)
+#: --mode bwd / fwdbwd: the ops with a backward and the providers that differentiate them (the others
+#: are forward-only: skipped with the reason printed)
+GRAD_OPS = ("knn_attention", "dense_attention")
+GRAD_PROVIDERS = ("fot_kernels", "sdpa_concat", "sdpa_call_only", "longllama")
+#: kv heads whose gradients are recomputed in float64 at every point of --mode bwd / fwdbwd (the
+#: first and the last: the check's cost is that of a dense attention over these heads alone)
+GRAD_CHECK_KV_HEADS = 2
+#: the gradient check's tolerance: max |grad - float64| <= GRAD_FACTOR x max |fp32 recomputation -
+#: float64| + 1e-5 x max |float64 grad| (sums over Lq or M terms, accumulated in other orders than the
+#: recomputation's; the floor relative, as memory gradients are small: ~1/M of the output's scale)
+GRAD_FACTOR = 4.0
+#: goals read from the --mode fwdbwd summary table (benchmarks/README.md)
+KNN_SPEEDUP_GOAL = 5.0
+PEAK_GOAL = 0.1
 #: at the low-precision-memory point, to save time (the baselines but SDPA's concatenation, which
 #: casts to the query's dtype as a user's code would, run on an exact fp32 copy of the memory)
 LOW_PRECISION_PROVIDERS = ("fot_kernels", "faiss", "sdpa_concat", "torch_qk")
@@ -90,6 +118,10 @@ SUBSETS = {
     "dense-vs-sdpa": dict(
         ops=["dense_attention"], providers=["fot_kernels", *SDPA], m=[16384, 65536], lq=[256, 1024], bf16_at="none",
         interleave=True, repeats=7, max_seconds=12.0,
+    ),
+    "fwdbwd": dict(
+        mode="fwdbwd", ops=["dense_attention", "knn_attention"], providers=["fot_kernels", "sdpa_concat", "longllama"],
+        m=[16384, 65536], lq=[1024], bf16_at="none", interleave=True, repeats=5, max_seconds=20.0,
     ),
 }
 GIB = 2**30
@@ -139,6 +171,13 @@ class Inputs:
     value: torch.Tensor
     mem_keys: torch.Tensor  # [B, Hkv, M, D] in shape.mem_dtype
     mem_values: torch.Tensor
+    #: --mode bwd / fwdbwd: the gradient of the output ([B, Hq, Lq, D] fp32; zero on the query rows
+    #: whose kNN selection is a near-tie in the checked heads) and those rows (bool [B, Hq, Lq])
+    grad_out: torch.Tensor | None = None
+    tie_rows: torch.Tensor | None = None
+
+    def grad_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.query, self.key, self.value, self.mem_keys, self.mem_values
 
     @property
     def scale(self) -> float:
@@ -163,7 +202,7 @@ class Inputs:
                                  scale=self.scale)  # fmt: skip
 
 
-def make_inputs(shape: Shape, seed: int) -> Inputs:
+def make_inputs(shape: Shape, seed: int, grad: bool = False) -> Inputs:
     gen = torch.Generator().manual_seed(seed)
     b, hq, hkv, lq, m, d = shape.batch, shape.q_heads, shape.kv_heads, shape.len_q, shape.mem, shape.dim
     dtype = getattr(torch, shape.mem_dtype)
@@ -171,8 +210,15 @@ def make_inputs(shape: Shape, seed: int) -> Inputs:
     def randn(*size: int, dt: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.randn(*size, generator=gen).to(dt)  # no copy for fp32
 
-    return Inputs(shape, randn(b, hq, lq, d), randn(b, hkv, lq, d), randn(b, hkv, lq, d),
-                  randn(b, hkv, m, d, dt=dtype), randn(b, hkv, m, d, dt=dtype))  # fmt: skip
+    inp = Inputs(shape, randn(b, hq, lq, d), randn(b, hkv, lq, d), randn(b, hkv, lq, d),
+                 randn(b, hkv, m, d, dt=dtype), randn(b, hkv, m, d, dt=dtype))  # fmt: skip
+    if grad:
+        for t in inp.grad_inputs():
+            t.requires_grad_(True)
+        inp.grad_out = randn(b, hq, lq, d)
+        inp.tie_rows = knn_tie_rows(inp)
+        inp.grad_out[inp.tie_rows] = 0.0
+    return inp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,12 +273,24 @@ def fot_jobs(inp: Inputs, args: argparse.Namespace, backend: str = "cpu", slow: 
         "knn_topk": lambda: fk.knn_topk(q, mk, topk, backend=backend),
     }
     for op, call in calls.items():
-        yield Job(fn=_single_lap(op, C.timed_fn(args.mode, call)), laps={op: [(op, name)]}, slow=slow)
+        if args.mode == "fwd" or op in GRAD_OPS:
+            yield Job(fn=_single_lap(op, _timed(args, inp, call), args.mode), laps={op: [(op, name)]}, slow=slow)
 
 
-def _single_lap(op: str, call: Callable[[], object]) -> Callable:
+def _timed(args: argparse.Namespace, inp: Inputs, call: Callable[[], torch.Tensor],
+           inputs: tuple[torch.Tensor, ...] | None = None) -> Callable:  # fmt: skip
+    """``C.timed_fn`` of ``args.mode``: the forward call, or forward + backward w.r.t. ``inputs``
+    (default: query, key, value, mem_keys, mem_values) of sum(out * inp.grad_out)."""
+    if args.mode == "fwd":
+        return C.timed_fn("fwd", call)
+    return C.timed_fn(args.mode, call, inp.grad_inputs() if inputs is None else inputs, inp.grad_out)
+
+
+def _single_lap(op: str, call: Callable, mode: str = "fwd") -> Callable:
+    """fn(lap) of a job with one timed lap; in bwd mode ``call`` restarts the clock after its forward."""
+
     def fn(lap: Callable[[str], None]) -> dict:
-        out = call()
+        out = call() if mode == "fwd" else call(lambda: lap(C.RESTART))
         lap(op)
         return {op: out}
 
@@ -246,17 +304,44 @@ def reference_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
 def sdpa_concat_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
     """SDPA over cat([memory, local]) with the bool mask, all made per call (what a user writes)."""
     q, k, v, mk, mv = inp.query, inp.key, inp.value, inp.mem_keys, inp.mem_values
-    call = C.timed_fn(args.mode, lambda: B.sdpa_concat(q, k, v, mk, mv, scale=inp.scale))
+    call = _timed(args, inp, lambda: B.sdpa_concat(q, k, v, mk, mv, scale=inp.scale))
     laps = {"dense_attention": [("dense_attention", "sdpa_concat")]}
-    yield Job(fn=_single_lap("dense_attention", call), laps=laps)
+    yield Job(fn=_single_lap("dense_attention", call, args.mode), laps=laps)
 
 
 def sdpa_call_only_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
-    """The SDPA call alone: concatenation and mask made once, outside the timing (freed on return)."""
-    kc, vc, mask = B.sdpa_concat_inputs(inp.query, inp.key, inp.value, inp.mem_keys, inp.mem_values)
-    call = C.timed_fn(args.mode, lambda: B.sdpa(inp.query, kc, vc, mask, scale=inp.scale))
+    """The SDPA call alone: concatenation and mask made once, outside the timing (freed on return).
+    bwd / fwdbwd: the gradients w.r.t. the query and the concatenations (leaves: a user who keeps
+    one [memory | local] buffer), returned split as (dq, dk, dv, dmk, dmv) views."""
+    with torch.no_grad():
+        kc, vc, mask = B.sdpa_concat_inputs(inp.query, inp.key, inp.value, inp.mem_keys, inp.mem_values)
     laps = {"dense_attention": [("dense_attention", "sdpa_call_only")]}
-    yield Job(fn=_single_lap("dense_attention", call), laps=laps)
+    if args.mode == "fwd":
+        call = C.timed_fn("fwd", lambda: B.sdpa(inp.query, kc, vc, mask, scale=inp.scale))
+        yield Job(fn=_single_lap("dense_attention", call, args.mode), laps=laps)
+        return
+    kc, vc, m = kc.requires_grad_(True), vc.requires_grad_(True), inp.shape.mem
+    inner = _timed(args, inp, lambda: B.sdpa(inp.query, kc, vc, mask, scale=inp.scale), (inp.query, kc, vc))
+
+    def call(restart=None):
+        out, (dq, dkc, dvc) = inner(restart)
+        return out, (dq, dkc[:, :, m:], dvc[:, :, m:], dkc[:, :, :m], dvc[:, :, :m])
+
+    yield Job(fn=_single_lap("dense_attention", call, args.mode), laps=laps)
+
+
+def longllama_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
+    """LongLLaMA's memory attention as released (baselines.longllama_attention): scores
+    materialised per (heads, queries) group of at most --score-gib, values copied per group; kNN:
+    the same with each row's memory scores thresholded at its k-th largest. Under autograd (bwd /
+    fwdbwd) every group's scores and probabilities stay saved until the backward."""
+    s = inp.shape
+    hc, qc = B.longllama_grouping(s.batch, s.q_heads, s.len_q, s.len_q + s.mem, s.dim, 4, args.score_gib * GIB)
+    q, k, v, mk, mv = inp.query, inp.key, inp.value, inp.mem_keys, inp.mem_values
+    for op, topk in (("dense_attention", None), ("knn_attention", s.k)):
+        call = partial(B.longllama_attention, q, k, v, mk, mv, scale=inp.scale, topk=topk, head_chunk=hc,
+                       query_chunk=qc)  # fmt: skip
+        yield Job(fn=_single_lap(op, _timed(args, inp, call), args.mode), laps={op: [(op, "longllama")]})
 
 
 def faiss_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
@@ -313,7 +398,7 @@ def numpy_qk_jobs(inp: Inputs, args: argparse.Namespace) -> Iterator[Job]:
 
 PROVIDER_JOBS = {"fot_kernels": fot_jobs, "reference": reference_jobs, "faiss": faiss_jobs,
                  "chunked_loop": chunked_jobs, "sdpa_concat": sdpa_concat_jobs, "sdpa_call_only": sdpa_call_only_jobs,
-                 "torch_qk": torch_qk_jobs, "numpy_qk": numpy_qk_jobs}  # fmt: skip
+                 "longllama": longllama_jobs, "torch_qk": torch_qk_jobs, "numpy_qk": numpy_qk_jobs}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,11 +523,32 @@ def check_attention(inp: Inputs, op: str, outs: dict[str, torch.Tensor], rows: i
     return {(op, provider): _run_check(partial(check, provider, out)) for provider, out in outs.items()}
 
 
-def check_point(inp: Inputs, outputs: dict, rows: int) -> dict[tuple[str, str], str]:
+def check_point(inp: Inputs, outputs: dict, rows: int, mode: str = "fwd") -> dict[tuple[str, str], str]:
     """'ok' / 'FAIL: why' / 'unchecked: why' per (op, provider) checked at this point: every op
-    fot_kernels ran, and dense attention of the SDPA baselines. The kNN attention is recomputed over
-    fot's knn_topk selection once that passed its check (the same scan serves both), else over the
-    baseline's selection."""
+    fot_kernels ran, and dense attention of the SDPA and LongLLaMA baselines (kNN attention too for
+    LongLLaMA). The kNN attention is recomputed over fot's knn_topk selection once that passed its
+    check (the same scan serves both), else over the baseline's selection. bwd / fwdbwd: every
+    provider's output and gradients (:func:`check_grads`), dense outputs also on every head."""
+    with torch.no_grad():
+        if mode != "fwd":
+            return _check_point_grads(inp, outputs, rows)
+        return _check_point_fwd(inp, outputs, rows)
+
+
+def _check_point_grads(inp: Inputs, outputs: dict, rows: int) -> dict[tuple[str, str], str]:
+    status = {}
+    for op in GRAD_OPS:
+        results = {p: outputs[(op, p)] for o, p in list(outputs) if o == op and outputs[(op, p)] is not None}
+        if not results:
+            continue
+        status.update(check_grads(inp, op, results))
+        if op == "dense_attention":  # the forward's check too: the last rows of every head
+            fwd = check_attention(inp, op, {p: r[0] for p, r in results.items()}, rows, None)
+            status.update({key: st if st != "ok" else fwd[key] for key, st in status.items() if key in fwd})
+    return status
+
+
+def _check_point_fwd(inp: Inputs, outputs: dict, rows: int) -> dict[tuple[str, str], str]:
     fot = {op: outputs.get((op, "fot_kernels")) for op in OPS}
     base = outputs.get(("selection", "faiss")) or outputs.get(("selection", "chunked_loop"))
     status = {}
@@ -450,19 +556,116 @@ def check_point(inp: Inputs, outputs: dict, rows: int) -> dict[tuple[str, str], 
         status[("knn_topk", "fot_kernels")] = (
             _run_check(lambda: check_selection(inp, *fot["knn_topk"], base[1])) if base
             else "unchecked: no baseline selection (run faiss or chunked_loop)")  # fmt: skip
-    if fot["knn_attention"] is not None:
+    knn = {p: outputs[("knn_attention", p)] for p in ("fot_kernels", "longllama")
+           if outputs.get(("knn_attention", p)) is not None}  # fmt: skip
+    if knn:
         ok_topk = status.get(("knn_topk", "fot_kernels")) == "ok"
         selection = fot["knn_topk"][1] if ok_topk else (base[1] if base else None)
         if selection is None:
             why = "unchecked: no selection to compare with (run knn_topk, faiss or chunked_loop)"
-            status[("knn_attention", "fot_kernels")] = why
+            status.update({("knn_attention", p): why for p in knn})
         else:
-            status.update(check_attention(inp, "knn_attention", {"fot_kernels": fot["knn_attention"]}, rows, selection))
-    dense = {p: outputs[("dense_attention", p)] for p in ("fot_kernels", *SDPA)
+            status.update(check_attention(inp, "knn_attention", knn, rows, selection))
+    dense = {p: outputs[("dense_attention", p)] for p in ("fot_kernels", *SDPA, "longllama")
              if outputs.get(("dense_attention", p)) is not None}  # fmt: skip
     if dense:
         status.update(check_attention(inp, "dense_attention", dense, rows, None))
     return status
+
+
+def checked_kv_heads(shape: Shape) -> list[int]:
+    """The kv heads whose gradients are recomputed in float64 (--mode bwd / fwdbwd)."""
+    return sorted({0, shape.kv_heads - 1})[:GRAD_CHECK_KV_HEADS]
+
+
+def knn_tie_rows(inp: Inputs) -> torch.Tensor:
+    """Bool [B, Hq, Lq]: query rows of the checked heads whose k-th and (k+1)-th largest exact
+    memory scores are closer than twice fp32's scoring error, so that a provider may select
+    either slot. Their grad_out is set to zero: such a row then contributes nothing to any
+    gradient, whichever slot was selected, and the kNN gradients are comparable exactly."""
+    s, g = inp.shape, inp.shape.q_heads // inp.shape.kv_heads
+    ties = torch.zeros(s.batch, s.q_heads, s.len_q, dtype=torch.bool)
+    if s.k >= s.mem:
+        return ties
+    with torch.no_grad():
+        key_norm = max(max_key_norm(inp.mem_keys), 1.0)
+        for b in range(s.batch):
+            for kv in checked_kv_heads(s):
+                q = inp.query[b, kv * g : (kv + 1) * g].double()  # [G, Lq, D]
+                top = (q @ inp.mem_keys[b, kv].double().T).topk(s.k + 1, dim=-1).values
+                tol = 1e-5 * q.norm(dim=-1) * key_norm
+                ties[b, kv * g : (kv + 1) * g] = top[..., s.k - 1] - top[..., s.k] <= 2 * tol
+    return ties
+
+
+def grad_rows(inp: Inputs, b: int, kv: int, dtype: torch.dtype, topk: int | None) -> dict[str, torch.Tensor]:
+    """Output and gradients of sum(out * grad_out) for the query heads of kv head ``kv`` (batch
+    row ``b``), recomputed in ``dtype`` over [memory | local causal] with the whole score matrix
+    (kNN: the exact top-k memory slots, by float64 scores): out, dq [G, Lq, D]; dk, dv [Lk, D];
+    dmk, dmv [M, D]. FlashAttention-2's formulas (fot_kernels/autograd.py)."""
+    s, g, scale = inp.shape, inp.shape.q_heads // inp.shape.kv_heads, inp.scale
+    hs = slice(kv * g, (kv + 1) * g)
+    q = inp.query[b, hs].to(dtype).reshape(g * s.len_q, s.dim)
+    keys = torch.cat([inp.mem_keys[b, kv], inp.key[b, kv]]).to(dtype)  # [M + Lk, D]
+    vals = torch.cat([inp.mem_values[b, kv], inp.value[b, kv]]).to(dtype)
+    dout = inp.grad_out[b, hs].to(dtype).reshape(g * s.len_q, s.dim)
+    logits = q @ keys.T
+    logits.mul_(scale)
+    future = torch.ones(s.len_q, s.len_q, dtype=torch.bool).triu_(1).repeat(g, 1)  # local key j > query i
+    logits[:, s.mem :].masked_fill_(future, float("-inf"))
+    if topk is not None and topk < s.mem:
+        exact = logits[:, : s.mem] if dtype == torch.float64 else (q.double() @ keys[: s.mem].double().T)
+        unselected = torch.ones(g * s.len_q, s.mem, dtype=torch.bool)
+        unselected.scatter_(1, exact.topk(topk, dim=-1).indices, False)
+        del exact
+        logits[:, : s.mem].masked_fill_(unselected, float("-inf"))
+        del unselected
+    probs = torch.softmax(logits, -1)
+    del logits
+    out = probs @ vals
+    ds = dout @ vals.T  # dP, then dS = P * (dP - rowsum(dO * O)) in place
+    ds.sub_((dout * out).sum(-1, keepdim=True)).mul_(probs)
+    dq = (ds @ keys).mul_(scale)
+    dkeys = (ds.T @ q).mul_(scale)
+    del ds
+    dvals = probs.T @ dout
+    shape = (g, s.len_q, s.dim)
+    return dict(out=out.reshape(shape), dq=dq.reshape(shape), dk=dkeys[s.mem :], dv=dvals[s.mem :],
+                dmk=dkeys[: s.mem], dmv=dvals[: s.mem])  # fmt: skip
+
+
+def check_grads(inp: Inputs, op: str, results: dict[str, tuple]) -> dict[tuple[str, str], str]:
+    """Status of each provider's (out, (dq, dk, dv, dmk, dmv)) for ``op`` against :func:`grad_rows`
+    in float64 (and fp32, for the tolerance) on the checked kv heads: every row and slot of those
+    heads (but the output of near-tie rows, whose gradients are zero by construction)."""
+    s, g = inp.shape, inp.shape.q_heads // inp.shape.kv_heads
+    topk = s.k if op == "knn_attention" else None
+    failures: dict[str, str] = {}
+    for b in range(s.batch):
+        for kv in checked_kv_heads(s):
+            hi, lo = (grad_rows(inp, b, kv, dt, topk) for dt in (torch.float64, torch.float32))
+            hs = slice(kv * g, (kv + 1) * g)
+            keep = ~inp.tie_rows[b, hs]
+            for provider, (out, grads) in results.items():
+                if provider in failures:
+                    continue
+                dq, dk, dv, dmk, dmv = grads
+                got = dict(out=out[b, hs][keep], dq=dq[b, hs], dk=dk[b, kv], dv=dv[b, kv], dmk=dmk[b, kv],
+                           dmv=dmv[b, kv])  # fmt: skip
+                for name, actual in got.items():
+                    if name == "out":
+                        ref_hi, ref_lo, factor = hi[name][keep], lo[name][keep], 2.0
+                    else:  # relative to the gradient's largest value: the floor is 1e-5 of it, not 1e-5
+                        unit = max(float(hi[name].abs().max()), 1e-30)
+                        actual, ref_hi, ref_lo, factor = actual / unit, hi[name] / unit, lo[name] / unit, GRAD_FACTOR
+                    what = f"{op} {provider} {name} (kv head {kv})"
+                    status = _run_check(partial(assert_close_to_reference, actual, ref_hi, ref_lo, name=what,
+                                                factor=factor))  # fmt: skip
+                    if status != "ok":
+                        failures[provider] = status
+                        break
+            del hi, lo
+    return {(op, provider): failures.get(provider, "ok") for provider in results}
 
 
 def _run_check(check: Callable[[], None]) -> str:
@@ -484,6 +687,7 @@ class Result:
     provider: str
     time: C.Stats  # seconds
     peak_bytes: int | None
+    grad_bytes: int | None = None  # bwd / fwdbwd: the bytes of the gradients the call returns
 
 
 @dataclass
@@ -512,12 +716,15 @@ def run_job(job: Job, args: argparse.Namespace) -> C.Measurement:
 
 def run_point(shape: Shape, args: argparse.Namespace, ref: ReferenceModel | None, log: Callable) -> PointResult:
     t0 = time.perf_counter()
-    inp = make_inputs(shape, args.seed)
+    inp = make_inputs(shape, args.seed, grad=args.mode != "fwd")
     log(f"\n# Lq={shape.len_q} M={shape.mem} Hq={shape.q_heads} Hkv={shape.kv_heads} D={shape.dim} k={shape.k} "
         f"memory {shape.mem_dtype} (inputs made in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
     point, outputs = PointResult(shape), {}
     low = shape.mem_dtype != "float32"
     deferred = []  # --interleave: (provider, job, rows) of every provider, timed together below
+    if args.mode != "fwd":
+        for op in sorted(set(args.ops) - set(GRAD_OPS)):
+            point.skipped[(op, "fot_kernels")] = f"no backward (--mode {args.mode})"
     for provider in args.providers:
         if (not low or provider in LOW_PRECISION_PROVIDERS) and set(PROVIDER_OPS[provider]) & set(args.ops):
             deferred += run_provider(provider, inp, args, ref, point, outputs, log)
@@ -525,7 +732,10 @@ def run_point(shape: Shape, args: argparse.Namespace, ref: ReferenceModel | None
         measurements = C.measure_interleaved([job.fn for _, job, _ in deferred], **timing(args))
         for (provider, job, rows), m in zip(deferred, measurements):
             _record(point, outputs, m, provider, job, rows, log)
-    point.status = check_point(inp, outputs, args.check_rows)
+    t0 = time.perf_counter()
+    point.status = check_point(inp, outputs, args.check_rows, args.mode)
+    ties = "" if inp.tie_rows is None else f"; {int(inp.tie_rows.sum())} near-tie kNN rows got zero grad_out"
+    log(f"  checks done in {time.perf_counter() - t0:.1f} s{ties}")
     for (op, provider), status in point.status.items():
         log(f"  check {op:<16} {provider:<14} {status}")
     return point
@@ -561,17 +771,27 @@ def run_provider(provider: str, inp: Inputs, args, ref: ReferenceModel | None, p
 
 
 def setup_skip_reason(provider: str, inp: Inputs, args: argparse.Namespace) -> str | None:
-    """Why ``provider`` cannot run at this point (faiss missing; SDPA's concatenation not fitting
-    in --sdpa-max-gib, by default 3/4 of the memory available now), or None."""
+    """Why ``provider`` cannot run at this point (forward-only in --mode bwd / fwdbwd; faiss
+    missing; SDPA's concatenation, or LongLLaMA's saved scores under autograd, not fitting in
+    --sdpa-max-gib, by default 3/4 of the memory available now), or None."""
+    if args.mode != "fwd" and provider == "reference":
+        return f"not timed in --mode {args.mode} (its cost model is the forward's; float64 gradients check the others)"
+    if args.mode != "fwd" and provider not in GRAD_PROVIDERS:
+        return f"forward-only (--mode {args.mode})"
     if provider == "faiss" and not _have_faiss():
         return "faiss not installed"
-    if provider in SDPA:
-        need = B.sdpa_concat_bytes(inp.query, inp.shape.len_q, inp.shape.mem, inp.shape.kv_heads)
+    s = inp.shape
+    if provider in SDPA or (provider == "longllama" and args.mode != "fwd"):
+        if provider == "longllama":  # saved per score entry: the clamped input and the fp32 probabilities
+            need, what = 9 * s.score_entries * (s.mem + s.len_q) / s.mem, "its scores saved for the backward need"
+        else:  # the concatenation (and its gradient, in bwd / fwdbwd) and the mask
+            need = B.sdpa_concat_bytes(inp.query, s.len_q, s.mem, s.kv_heads) * (1 if args.mode == "fwd" else 2)
+            what = "its concatenated keys/values and mask need"
         available = C.available_memory()
         budget = args.sdpa_max_gib * GIB if args.sdpa_max_gib else 0.75 * available if available else math.inf
         if need > budget:
-            what = f"--sdpa-max-gib {args.sdpa_max_gib:g}" if args.sdpa_max_gib else "3/4 of the memory available now"
-            return f"its concatenated keys/values and mask need ~{C.human_bytes(need)} > {what}"
+            limit = f"--sdpa-max-gib {args.sdpa_max_gib:g}" if args.sdpa_max_gib else "3/4 of the memory available now"
+            return f"{what} ~{C.human_bytes(need)} > {limit}"
     return None
 
 
@@ -583,8 +803,11 @@ def _record(point: PointResult, outputs: dict, m: C.Measurement, provider: str, 
     for lap, targets in rows.items():
         for op, provider in targets:
             peak = m.peak_bytes if lap == last and m.peak_bytes >= 0 else None
-            point.results[(op, provider)] = Result(op, provider, m.laps[lap], peak)
-            outputs[(op, provider)] = m.result.get(lap)
+            result = m.result.get(lap)
+            grads = result[1] if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], tuple) else ()
+            grad_bytes = sum(t.numel() * t.element_size() for t in grads) if grads else None
+            point.results[(op, provider)] = Result(op, provider, m.laps[lap], peak, grad_bytes)
+            outputs[(op, provider)] = result
             st = m.laps[lap]
             log(f"  {provider:<18} {op:<16} {st.median * 1e3:10.2f} ms (n={st.samples})  "
                 f"{point.shape.score_flops / st.median / 1e9:7.1f} GFLOP/s  peak {C.human_bytes(peak)}")  # fmt: skip
@@ -691,6 +914,78 @@ def sdpa_table(points: list[PointResult]) -> str:
     return title + C.format_table(headers, body)
 
 
+def _peak(point: PointResult, op: str, provider: str, beyond_grads: bool = False) -> float | None:
+    r = point.results.get((op, provider))
+    if r is None or r.peak_bytes is None:
+        return None
+    return max(r.peak_bytes - (r.grad_bytes or 0), 0) if beyond_grads else r.peak_bytes
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def grad_table(points: list[PointResult], mode: str) -> str:
+    """--mode bwd / fwdbwd summary, one row per point: dense fot_kernels against sdpa_concat and
+    longllama (time ratios; goal <= SDPA_GOAL against sdpa_concat), kNN fot_kernels against dense
+    fot_kernels (speed-up; goal >= KNN_SPEEDUP_GOAL) and longllama kNN, and peak extra memory of
+    dense fot_kernels against sdpa_concat (goal <= PEAK_GOAL), measured and beyond the gradients.
+    A ratio needs both results checked ok."""
+    dense, knn = "dense_attention", "knn_attention"
+    timing_rows, memory_rows = [], []
+
+    def ms(p: PointResult, op: str, provider: str) -> str:
+        t = p.time(op, provider)
+        return "" if t is None else f"{t * 1e3:.0f}"
+
+    def verdict(x: float | None, ok: Callable[[float], bool]) -> str:
+        return "" if x is None else "met" if ok(x) else "NOT MET"
+
+    def checked(p: PointResult, *keys: tuple[str, str]) -> bool:
+        return all(_ok(p, op, provider) for op, provider in keys)
+
+    for p in sorted(points, key=lambda p: (p.shape.mem_dtype != "float32", p.shape.len_q, p.shape.mem)):
+        if not any(o in GRAD_OPS for o, _ in p.results):
+            continue
+        lead = [p.shape.len_q, p.shape.mem, p.shape.mem_dtype]
+        t_dense, t_knn = p.time(dense, "fot_kernels"), p.time(knn, "fot_kernels")
+        speedup = _ratio(t_dense, t_knn) if checked(p, (dense, "fot_kernels"), (knn, "fot_kernels")) else None
+        timing_rows.append([*lead, ms(p, dense, "fot_kernels"), ms(p, dense, "sdpa_concat"),
+                            ratio_text(p, dense, "sdpa_concat"),
+                            verdict(time_ratio(p, dense, "sdpa_concat"), lambda x: x <= SDPA_GOAL),
+                            ms(p, dense, "longllama"), ratio_text(p, dense, "longllama"), ms(p, knn, "fot_kernels"),
+                            "" if speedup is None else f"{speedup:.1f}x",
+                            verdict(speedup, lambda x: x >= KNN_SPEEDUP_GOAL), ms(p, knn, "longllama"),
+                            ratio_text(p, knn, "longllama")])  # fmt: skip
+        ok_mem = checked(p, (dense, "fot_kernels"), (dense, "sdpa_concat"))
+        row = list(lead)
+        for beyond in (False, True):
+            fot, sdpa = _peak(p, dense, "fot_kernels", beyond), _peak(p, dense, "sdpa_concat", beyond)
+            ratio = _ratio(fot, sdpa) if ok_mem else None
+            row += [C.human_bytes(fot), C.human_bytes(sdpa), "" if ratio is None else f"{ratio:.3f}",
+                    verdict(ratio, lambda x: x <= PEAK_GOAL)]  # fmt: skip
+        row += [C.human_bytes(_peak(p, dense, "longllama")), C.human_bytes(_peak(p, knn, "fot_kernels")),
+                C.human_bytes(_peak(p, knn, "longllama"))]  # fmt: skip
+        memory_rows.append(row)
+    if not timing_rows:
+        return ""
+    s = points[0].shape
+    what = {"fwdbwd": "forward + backward", "bwd": "backward alone (forward untimed)"}[mode]
+    out = [f"\n{what} of memory attention (local causal Lk=Lq), gradients w.r.t. q, k, v, mem_k, mem_v; "
+           f"B=1 Hq={s.q_heads} Hkv={s.kv_heads} D={s.dim} k={s.k}, query fp32; median ms"]  # fmt: skip
+    out.append(C.format_table(
+        ("Lq", "M", "memory", "dense fot", "dense sdpa_concat", "fot/sdpa", f"<= {SDPA_GOAL}", "dense longllama",
+         "fot/longllama", "kNN fot", "dense/kNN fot", f">= {KNN_SPEEDUP_GOAL:g}x", "kNN longllama",
+         "fot/longllama"), timing_rows))  # fmt: skip
+    out.append(f"\npeak extra memory (growth of the resident set during the first call) of dense {what}: measured, "
+               f"and beyond the gradients the call returns (the same bytes for every provider)")  # fmt: skip
+    out.append(C.format_table(
+        ("Lq", "M", "memory", "dense fot", "dense sdpa_concat", "fot/sdpa", f"<= {PEAK_GOAL}", "fot beyond grads",
+         "sdpa beyond grads", "fot/sdpa", f"<= {PEAK_GOAL}", "dense longllama", "kNN fot", "kNN longllama"),
+        memory_rows))  # fmt: skip
+    return "\n".join(out)
+
+
 def csv_rows(points: list[PointResult], info: dict, mode: str) -> list[dict]:
     rows = []
     for point in points:
@@ -705,9 +1000,13 @@ def csv_rows(points: list[PointResult], info: dict, mode: str) -> list[dict]:
                                   median=flops / t.median / 1e9, p20=flops / t.p80 / 1e9, p80=flops / t.p20 / 1e9,
                                   **common))  # fmt: skip
             if r.peak_bytes is not None:
-                mib = r.peak_bytes / 2**20
-                rows.append(C.csv_row(info, cfg, metric="peak_memory", unit="MiB", median=mib, p20=mib, p80=mib,
+                n = r.peak_bytes
+                rows.append(C.csv_row(info, cfg, metric="peak_memory", unit="bytes", median=n, p20=n, p80=n,
                                       **{**common, "samples": 1}))  # fmt: skip
+                if r.grad_bytes is not None:
+                    n = max(r.peak_bytes - r.grad_bytes, 0)
+                    rows.append(C.csv_row(info, cfg, metric="peak_memory_beyond_grads", unit="bytes", median=n,
+                                          p20=n, p80=n, **{**common, "samples": 1}))  # fmt: skip
             ratio = time_ratio(point, op, provider)
             if ratio is not None:
                 rows.append(C.csv_row(info, cfg, metric=f"time_ratio_vs_{provider}", unit="fot_time/provider_time",
@@ -735,7 +1034,8 @@ def plot(points: list[PointResult], path: Path, info: dict) -> None:
             if ratio is not None:
                 panels[ratio_panel].setdefault(f"vs {provider} Lq={s.len_q}{variant}", []).append((s.mem, ratio, True))
     s = points[0].shape
-    title = (f"fot-kernels CPU benchmark: B=1 Hq={s.q_heads} Hkv={s.kv_heads} D={s.dim} k={s.k}, fp32 query\n"
+    title = (f"fot-kernels CPU benchmark, --mode {info.get('mode', 'fwd')}: B=1 Hq={s.q_heads} Hkv={s.kv_heads} "
+             f"D={s.dim} k={s.k}, fp32 query\n"
              f"{info['device']}, {info['timestamp']}, threads {info['threads']}, "
              f"commit {info['git_commit'][:12]}")  # fmt: skip
     panels = {name: series for name, series in panels.items() if series}
@@ -750,8 +1050,8 @@ def plot(points: list[PointResult], path: Path, info: dict) -> None:
 
 
 DEFAULTS = dict(m=[16384, 65536, 262144, 1048576], lq=[256, 1024], max_lq_m=2**28, repeats=5, max_seconds=8.0,
-                bf16_at="1024,65536", ref_max_seconds=15.0, ops=list(OPS), providers=list(PROVIDERS),
-                interleave=False)  # fmt: skip
+                bf16_at="1024,65536", ref_max_seconds=15.0, ops=list(OPS),
+                providers=[p for p in PROVIDERS if p != "longllama"], interleave=False, mode="fwd")  # fmt: skip
 QUICK = dict(m=[8192, 32768], lq=[256, 1024], max_lq_m=2**23, repeats=3, max_seconds=2.0, bf16_at="256,32768",
              ref_max_seconds=4.0)  # fmt: skip
 
@@ -771,6 +1071,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "Lq*M <= 2^23, 3 repeats, bf16 point at Lq=256, M=32k: 1-2 minutes.\n"
             "--only dense-vs-sdpa: dense memory attention, fot_kernels vs sdpa_concat and sdpa_call_only,\n"
             "M in {16k, 64k} x Lq in {256, 1024}, fp32, interleaved: 1-3 minutes.\n"
+            "--only fwdbwd: forward + backward of dense and kNN memory attention, fot_kernels vs\n"
+            "sdpa_concat and longllama (under autograd), M in {16k, 64k}, Lq=1024, fp32, interleaved,\n"
+            "gradients checked in float64: about 10 minutes on a quiet 2-core machine (estimate).\n"
             "Options given explicitly win over --quick and --only."
         ),
     )
@@ -780,7 +1083,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-heads", type=int, help="key/value heads Hkv (default: --heads)")
     ap.add_argument("--dim", type=int, default=128, help="head dim D (default 128)")
     ap.add_argument("--k", type=int, default=32, help="top-k of kNN mode (default 32)")
-    C.add_mode_argument(ap)
+    C.add_mode_argument(ap, tuple(C.MODES), default=None)
     ap.add_argument("--repeats", type=int, help="timed calls per measurement (default 5; quick 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1; the first one is checked)")
     ap.add_argument("--interleave", action="store_true", default=None,
@@ -795,17 +1098,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="skip points with Lq*M above this (default 2^28; 0: no limit)")  # fmt: skip
     ap.add_argument("--bf16-at", help="'LQ,M' of the extra bf16-memory point, or 'none'")
     ap.add_argument("--ops", nargs="+", choices=OPS, help="ops to run (default: all)")
-    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, help="providers to run (default: all)")
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, help="providers to run (default: all but longllama)")
     ap.add_argument("--only", choices=tuple(SUBSETS),
                     help="a named subset: dense-vs-sdpa = --ops dense_attention --providers fot_kernels sdpa_concat "
                          "sdpa_call_only --m 16k 64k --lq 256 1024 --bf16-at none --interleave --repeats 7 "
-                         "--max-seconds 12")  # fmt: skip
+                         "--max-seconds 12; fwdbwd = --mode fwdbwd --ops dense_attention knn_attention --providers "
+                         "fot_kernels sdpa_concat longllama --m 16k 64k --lq 1024 --bf16-at none --interleave "
+                         "--repeats 5 --max-seconds 20")  # fmt: skip
     ap.add_argument("--ref-max-gib", type=float, default=6.0, help="run the reference only below this peak (GiB)")
     ap.add_argument("--ref-max-seconds", type=float, help="... and this estimated time per call (default 15 s)")
     ap.add_argument("--sdpa-max-gib", type=float,
                     help="run the SDPA baselines only where their concatenation and mask take less (GiB; default: "
                          "3/4 of the memory available at that point)")  # fmt: skip
     ap.add_argument("--chunk", type=int, default=4096, help="memory chunk of the plain chunked loop")
+    ap.add_argument("--score-gib", type=float, default=1.0,
+                    help="score block per (heads, queries) group of the longllama baseline (GiB; default 1)")
     ap.add_argument("--check-rows", type=int, default=32, help="query rows per head checked against float64")
     ap.add_argument("--threads", type=int, help="torch and faiss threads (numpy: set OPENBLAS_NUM_THREADS)")
     ap.add_argument("--seed", type=int, default=0)
@@ -847,6 +1154,16 @@ def threads_text() -> str:
     return text + f" openblas={os.environ.get('OPENBLAS_NUM_THREADS', 'default')}"
 
 
+def load_text() -> str:
+    """The machine's load average (other jobs on a shared machine weigh on the timings)."""
+    try:
+        import os
+
+        return "load average (1/5/15 min) " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (OSError, AttributeError):
+        return "load average unknown"
+
+
 def faiss_settings() -> str:
     if not _have_faiss():
         return "faiss absent"
@@ -869,6 +1186,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_threads(args)
     shapes, skipped = plan(args)
     stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else f"-{args.only}" if args.only else "")
+    if args.mode != "fwd" and args.only != args.mode:
+        stamp += f"-{args.mode}"
     transcript: list[str] = []
 
     def log(text: str = "") -> None:
@@ -880,7 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine_info(threads_text())
     log(f"fot-kernels {info['version']} ({info['git_commit']}), torch {info['torch_version']}, numpy "
         f"{info['numpy_version']}, faiss {info['faiss_version']}\n{info['device']}, threads {info['threads']}\n"
-        f"CPU kernels: {kernels}; mode {args.mode}\n{faiss_settings()}")  # fmt: skip
+        f"CPU kernels: {kernels}; mode {args.mode}\n{faiss_settings()}\n{load_text()}")  # fmt: skip
     for text in skipped:
         log(f"skipping {text}")
     ref = None
@@ -892,10 +1211,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"reference cost per score entry (one call each at {ref.calibrated_at}): " + ", ".join(costs))
     points = [run_point(shape, args, ref, log) for shape in shapes]
     log(tables(points))
-    log(sdpa_table(points))
+    log(sdpa_table(points) if args.mode == "fwd" else grad_table(points, args.mode))
     log(f"\nGFLOP/s = 2*B*Hq*Lq*M*D / median time (the score product q @ K^T only, for every op); "
         f"fot/provider = fot_kernels time / provider time (< 1: fot_kernels faster).\n"
-        f"Total wall time {time.perf_counter() - t_start:.0f} s.")  # fmt: skip
+        f"Total wall time {time.perf_counter() - t_start:.0f} s; {load_text()}.")  # fmt: skip
     write_outputs(args, points, info, stamp, transcript, log)
     return 0 if all(not s.startswith("FAIL") for p in points for s in p.status.values()) else 1
 
@@ -906,7 +1225,7 @@ def write_outputs(args, points, info, stamp, transcript, log) -> None:
     C.write_csv(csv_path, csv_rows(points, info, args.mode))
     written = [csv_path]
     if not args.no_plot:
-        plot(points, png_path, info)
+        plot(points, png_path, {**info, "mode": args.mode})
         written.append(png_path)
     log("wrote " + ", ".join(str(p) for p in [*written, txt_path]))
     txt_path.write_text("\n".join(transcript) + "\n")

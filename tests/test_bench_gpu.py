@@ -4,8 +4,8 @@ status) runs with ``--device cpu`` on tiny shapes, the triton backend in the Tri
 the cuda backend on csrc/cuda's kernels built for the CPU emulator (tests/cuda_emu). A GPU is lent
 to this project rarely; a crash in the script there would waste it. The shared baselines of every
 benchmark (benchmarks/baselines.py) are checked against the reference here too (the benchmarks only
-gate the package's backends), and so are the shared timer's interleaving and bench_cpu.py's
-dense-vs-SDPA path, on tiny shapes."""
+gate the package's backends), and so are the shared timer's interleaving and modes, and bench_cpu.py's
+dense-vs-SDPA and forward + backward (gradient-checked) paths, on tiny shapes."""
 
 import csv
 import json
@@ -197,10 +197,94 @@ def test_longllama_grouping():
 
 
 def test_mode_option():
-    """--mode: fwd only so far (bwd / fwdbwd are planned, and rejected until then)."""
+    """--mode: bench_gpu.py fwd only so far (bwd / fwdbwd rejected); bench_cpu.py all three."""
     assert bench_gpu.parse_args(["--out", "x"]).mode == "fwd"
     with pytest.raises(SystemExit):
         bench_gpu.parse_args(["--out", "x", "--mode", "bwd"])
+    assert bench_cpu.parse_args([]).mode == "fwd"
+    assert bench_cpu.parse_args(["--mode", "bwd"]).mode == "bwd"
+    assert bench_cpu.parse_args(["--only", "fwdbwd"]).mode == "fwdbwd"
+    assert bench_cpu.parse_args(["--only", "fwdbwd", "--mode", "bwd"]).mode == "bwd"  # explicit wins
+
+
+def test_timed_fn_modes():
+    """fwdbwd returns the gradients of sum(out * grad_out); bwd's clock restarts after the forward."""
+    import time
+
+    x, g = torch.randn(5, requires_grad=True), torch.randn(5)
+
+    def forward():
+        time.sleep(0.2)
+        return x * 3
+
+    for mode in ("fwdbwd", "bwd"):
+        call = _common.timed_fn(mode, forward, (x,), g)
+
+        def fn(lap, call=call):
+            out = call(lambda: lap(_common.RESTART))
+            lap("op")
+            return out
+
+        m = _common.measure(fn, repeats=1, warmup=0, min_repeats=1)
+        out, (dx,) = m.result
+        assert torch.equal(out, x.detach() * 3) and not out.requires_grad and torch.allclose(dx, 3 * g)
+        assert (m.laps["op"].median < 0.15) == (mode == "bwd"), (mode, m.laps["op"].median)
+    assert _common.timed_fn("fwd", forward) is forward
+    with pytest.raises(ValueError):
+        _common.timed_fn("fwdbwd", forward, (torch.randn(5),), g)  # no grad: refused
+
+
+FWDBWD_TINY = ["--only", "fwdbwd", "--m", "1k", "--lq", "16", "--heads", "4", "--kv-heads", "2", "--dim", "32",
+               "--k", "8", "--repeats", "2", "--max-seconds", "0.1", "--no-plot"]  # fmt: skip
+
+
+def test_bench_cpu_fwdbwd(tmp_path, capsys):
+    """bench_cpu.py --only fwdbwd on tiny shapes (GQA): every provider's gradients pass their float64
+    check, the CSV has times, ratios and peak memory in bytes, and the summary tables are printed."""
+    assert bench_cpu.main([*FWDBWD_TINY, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "forward + backward of memory attention" in out and "peak extra memory" in out
+    rows = _read_csv(next(tmp_path.glob("bench_cpu_*-fwdbwd.csv")))
+    assert {r["mode"] for r in rows} == {"full"}
+    seen = {(r["kernel"], r["provider"], r["metric"]) for r in rows}
+    for op in ("dense_attention", "knn_attention"):
+        for provider in ("fot_kernels", "longllama"):
+            for metric in ("time", "peak_memory", "peak_memory_beyond_grads"):
+                assert (op, provider, metric) in seen, (op, provider, metric)
+        assert (op, "fot_kernels", "time_ratio_vs_longllama") in seen
+    assert ("dense_attention", "fot_kernels", "time_ratio_vs_sdpa_concat") in seen
+    assert {r["check"] for r in rows if r["metric"] == "time"} == {"ok"}
+    assert {r["unit"] for r in rows if r["metric"].startswith("peak_memory")} == {"bytes"}
+    assert all(int(float(r["median"])) > 0 for r in rows if r["metric"] == "peak_memory")
+
+
+def test_bench_cpu_bwd_catches_wrong_gradients(tmp_path, capsys, monkeypatch):
+    """--mode bwd: a provider whose memory-value gradient is 1% off fails its check (FAIL, no
+    ratio, exit 1); the forward-only providers are skipped with the reason."""
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.01
+
+    real = fk.memory_attention
+    monkeypatch.setattr(bench_cpu.fk, "memory_attention",
+                        lambda q, k, v, mk, mv, **kw: real(q, k, v, mk, Scale.apply(mv), **kw))  # fmt: skip
+    args = [*FWDBWD_TINY, "--mode", "bwd", "--providers", "fot_kernels", "sdpa_concat", "faiss"]
+    assert bench_cpu.main([*args, "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "faiss              skipped: forward-only (--mode bwd)" in out
+    rows = _read_csv(next(tmp_path.glob("bench_cpu_*-fwdbwd-bwd.csv")))
+    checks = {(r["kernel"], r["provider"]): r["check"] for r in rows if r["metric"] == "time"}
+    assert checks[("dense_attention", "sdpa_concat")] == "ok"
+    for op in ("dense_attention", "knn_attention"):
+        assert checks[(op, "fot_kernels")].startswith("FAIL") and "dmv" in checks[(op, "fot_kernels")], checks
+    assert not any(r["metric"].startswith("time_ratio") for r in rows)
+    assert {r["mode"] for r in rows} == {"backward"}
 
 
 def test_wall_clock_quantiles():
