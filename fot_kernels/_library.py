@@ -4,7 +4,8 @@ The schemas and the fake (meta) kernels live here and nowhere else; the C++ sour
 implementations for them (``TORCH_LIBRARY_IMPL(fot, CPU, m)`` in csrc/cpu,
 ``TORCH_LIBRARY_IMPL(fot, CUDA, m)`` in csrc/cuda), so the CPU and CUDA kernels of an op share one
 schema and one fake, and torch's dispatcher picks the implementation by the tensors' device.
-Autograd for the ops is registered here too, once per op.
+The ops themselves have no autograd formula: gradients come from ``fot_kernels.autograd``, one
+Function over the composition of these kernels (fused backward ops will be defined here).
 
 The kernels work on stacked query rows: the G = Hq / Hkv query heads that share a kv head are
 stacked into ``[B, Hkv, N = G * Lq, D]`` so that every memory tile is read once per kv head.
