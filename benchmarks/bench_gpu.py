@@ -21,7 +21,8 @@ One run on one CUDA device, bf16, per point (D in --dim, Lq in --lq, M in --m, k
   >= 0.7).
 
 The PyTorch baselines are shared with the other benchmarks: benchmarks/baselines.py. --mode fwd
-(the only mode so far) times forward calls; bwd and fwdbwd are planned (_common.MODES).
+times forward calls; bwd and fwdbwd (_common.MODES, as in bench_cpu.py) come with the GPU backward
+kernels (the GPU backends refuse inputs that require grad until then).
 
 GPU backends: ``triton`` (``fot_kernels.backends.triton``) and ``cuda``
 (``fot_kernels.backends.cuda``, only when its extension is built: ``extension_status()`` is None;
