@@ -152,12 +152,15 @@ def gather_attention_torch(scores: Tensor, indices: Tensor, values: Tensor, scal
 
 
 class Kernels(NamedTuple):
-    """The three kernels the composition runs: ``ops.knn_scan``, ``ops.flash_scan``,
+    """The kernels the composition runs: the forward ones ``ops.knn_scan``, ``ops.flash_scan``,
     ``ops.gather_attention`` (``torch.ops.fot`` for the C++ and CUDA kernels, or the PyTorch ones
-    above), and ``row_dtype(query, *operands)``, the dtype they take the stacked query rows in."""
+    above); ``row_dtype(query, *operands)``, the dtype they take the stacked query rows in; and the
+    backward ones ``grad_ops.flash_scan_backward``, ``grad_ops.gather_attention_backward`` (same
+    signatures as ``torch.ops.fot.*_backward``; the PyTorch ones below by default)."""
 
     ops: object
     row_dtype: Callable[..., torch.dtype]
+    grad_ops: object = None  # None: TORCH_GRAD_KERNELS below
 
 
 TORCH_KERNELS = Kernels(
@@ -204,7 +207,8 @@ def memory_attention(
     the backward keeps the forward's memory bound; otherwise the forward kernels alone."""
     forward = partial(_forward, topk=topk, causal=causal, softmax_scale=softmax_scale, kernels=kernels)
     if autograd.needs_grad(query, key, value, mem_keys, mem_values):
-        backward = partial(memory_attention_backward, topk=topk, causal=causal, softmax_scale=softmax_scale)
+        backward = partial(memory_attention_backward, topk=topk, causal=causal, softmax_scale=softmax_scale,
+                           kernels=kernels)
         composition = autograd.Composition(forward, backward)
         return autograd.memory_attention(query, key, value, mem_keys, mem_values, mem_lengths, mem_mask, composition)
     out, lse, _ = forward(query, key, value, mem_keys, mem_values, mem_lengths, mem_mask)
@@ -246,152 +250,179 @@ def _forward(
 # --------------------------------------------------------------------------------------------
 
 
-class _Rows(NamedTuple):
-    """What every part's backward reads, on stacked rows [B, Hkv, N = G * Lq, ...] in the compute
-    dtype: queries (non-finite rows zeroed), dO, the lse with -inf replaced by +inf, and
-    D = rowsum(dO * O) - dlse. A row with lse -inf (a non-finite query, or nothing to attend to)
-    dropped every entry in the forward: exp(s - inf) = 0 gives each of its P the exact 0."""
+def flash_scan_backward_torch(query, keys, values, d_out, lse, delta, mem_lengths, mem_mask, scale: float,
+                              causal_lq: int, need_dkv: bool):  # fmt: skip
+    """Backward of ``flash_scan`` (the op ``fot::flash_scan_backward``; schema in ``_library``).
 
-    q: Tensor
-    d_out: Tensor
-    lse: Tensor
-    delta: Tensor
-
-
-def memory_attention_backward(
-    grad_out, grad_lse, query, key, value, mem_keys, mem_values, out, lse, indices, mem_lengths, mem_mask, needs,
-    *, topk, causal, softmax_scale,
-) -> tuple[Tensor | None, ...]:
-    """Gradients (dq, dk, dv, d mem_keys, d mem_values), each in its input's dtype (None where
-    ``needs`` says it is not wanted), accumulated in the compute dtype. Extra memory: one
-    [N, BLOCK] probability block at a time (dense and local parts), [rows, k, D] gathered slots
-    (kNN part); never N x M. Dropped entries (invalid or masked slots, causally masked keys,
-    non-finite scores) have P = 0 and read zeroed keys/values, so their gradient is exactly 0."""
-    batch, num_q_heads, len_q, _ = query.shape
-    num_kv_heads = mem_keys.shape[1]
-    cd = compute_dtype(query, key, value, mem_keys, mem_values)
-    num_rows = (num_q_heads // num_kv_heads) * len_q
-    q, _ = _finite_or_zero(_group_queries(query, num_kv_heads, cd))
-    if grad_out is None:
-        d_out = q.new_zeros(q.shape)
-        delta = q.new_zeros(q.shape[:3])
-    else:
-        d_out = _group_queries(grad_out, num_kv_heads, cd)
-        delta = (d_out * _group_queries(out, num_kv_heads, cd)).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(cd).reshape(batch, num_kv_heads, num_rows)
-    lse_rows = lse.to(cd).reshape(batch, num_kv_heads, num_rows)
-    rows = _Rows(q, d_out, lse_rows.masked_fill(torch.isneginf(lse_rows), float("inf")), delta)
-
-    dq = q.new_zeros(q.shape)
-    d_key = d_value = d_mem_keys = d_mem_values = None
-    if key is not None and key.shape[2] > 0 and len_q > 0:
-        d_key, d_value = _flash_scan_backward(rows, key, value, None, None, softmax_scale, len_q if causal else 0,
-                                              dq, needs[1], needs[2])  # fmt: skip
-    if mem_keys.shape[2] > 0 and len_q > 0:
-        if topk is None:
-            d_mem_keys, d_mem_values = _flash_scan_backward(rows, mem_keys, mem_values, mem_lengths, mem_mask,
-                                                            softmax_scale, 0, dq, needs[3], needs[4])  # fmt: skip
-        else:
-            d_mem_keys, d_mem_values = _gather_attention_backward(rows, indices, mem_keys, mem_values, softmax_scale,
-                                                                  dq, needs[3], needs[4])  # fmt: skip
-    d_query = _ungroup(dq, num_q_heads, len_q).to(query.dtype) if needs[0] else None
-    if key is not None:  # a part that did not run (no rows, no keys) has zero gradient
-        d_key = _zeros_if_none(d_key, key, needs[1])
-        d_value = _zeros_if_none(d_value, value, needs[2])
-    d_mem_keys = _zeros_if_none(d_mem_keys, mem_keys, needs[3])
-    d_mem_values = _zeros_if_none(d_mem_values, mem_values, needs[4])
-    return d_query, d_key, d_value, d_mem_keys, d_mem_values
-
-
-def _zeros_if_none(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
-    if not needed:
-        return None
-    return grad if grad is not None else torch.zeros(like.shape, dtype=like.dtype, device=like.device)
-
-
-def _flash_scan_backward(rows: _Rows, keys, values, mem_lengths, mem_mask, scale: float, causal_lq: int,
-                         dq: Tensor, need_dk: bool, need_dv: bool):  # fmt: skip
-    """Backward of ``flash_scan_torch`` over keys/values [B, Hkv, M, D], BLOCK keys at a time:
-    adds into dq [B, Hkv, N, D] (compute dtype), returns (dk, dv) in the keys'/values' dtypes."""
-    batch, _, num_rows, _ = rows.q.shape
+    query [B, Hkv, N, D] stacked rows (non-finite rows zeroed by the caller), keys/values
+    [B, Hkv, M, D], d_out [B, Hkv, N, D], lse and delta [B, Hkv, N] (the MERGED lse of all parts,
+    -inf for a row that dropped everything; delta = rowsum(dO * O) - dlse) in the accumulation
+    dtype. Returns (dq [B, Hkv, N, D] in d_out's dtype: this part's contribution; dk, dv in the
+    keys'/values' dtypes, or empty tensors when not ``need_dkv``). BLOCK keys at a time: two
+    [N, BLOCK] blocks alive at most, never N x M. Dropped entries (invalid or masked slots,
+    causally masked keys, non-finite scores, rows with lse -inf) have P = 0 and read zeroed
+    keys/values, so their gradients are exactly 0."""
+    batch, _, num_rows, _ = query.shape
     num_keys = keys.shape[2]
-    cd = rows.q.dtype
-    dk = torch.zeros(keys.shape, dtype=keys.dtype, device=keys.device) if need_dk else None
-    dv = torch.zeros(values.shape, dtype=values.dtype, device=values.device) if need_dv else None
+    acc = d_out.dtype
+    q = query.to(acc)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # exp(s - inf) = 0: a row that dropped all
+    dq = torch.zeros(d_out.shape, dtype=acc, device=d_out.device)
+    dk = torch.zeros(keys.shape, dtype=keys.dtype, device=keys.device) if need_dkv else keys.new_empty(0)
+    dv = torch.zeros(values.shape, dtype=values.dtype, device=values.device) if need_dkv else values.new_empty(0)
     if causal_lq > 0:
         last_allowed = torch.arange(num_rows, device=dq.device) % causal_lq + (num_keys - causal_lq)  # [N]
     for start in range(0, num_keys, BLOCK):
         stop = min(start + BLOCK, num_keys)
-        k_blk, k_ok = _finite_or_zero(keys[:, :, start:stop].to(cd))  # [B, Hkv, C, D]
+        k_blk, k_ok = _finite_or_zero(keys[:, :, start:stop].to(acc))  # [B, Hkv, C, D]
         col_ok = _block_validity(batch, start, stop, mem_lengths, mem_mask, dq.device) & k_ok[..., None, :]
         # P in place, two [B, Hkv, N, C] blocks alive at most: s -> P, dP -> dS
-        p = rows.q @ k_blk.transpose(-1, -2)  # [B, Hkv, N, C] scores
+        p = q @ k_blk.transpose(-1, -2)  # [B, Hkv, N, C] scores
         p.masked_fill_(~col_ok, float("-inf"))  # invalid slots, non-finite keys: [B, Hkv, 1, C]
         if causal_lq > 0:
             p.masked_fill_(torch.arange(start, stop, device=dq.device)[None, :] > last_allowed[:, None], float("-inf"))
-        p.mul_(scale).sub_(rows.lse[..., None]).exp_()  # kept entries: <= 1; dropped (-inf): exactly 0
+        p.mul_(scale).sub_(lse[..., None]).exp_()  # kept entries: <= 1; dropped (-inf): exactly 0
         p.nan_to_num_(nan=0.0, posinf=0.0)  # a score that overflowed to +-inf (or NaN) was dropped
-        v_blk = values[:, :, start:stop].to(cd).masked_fill(~col_ok.transpose(-1, -2), 0)  # no NaN meets P = 0
-        ds = (rows.d_out @ v_blk.transpose(-1, -2)).sub_(rows.delta[..., None]).mul_(p)  # [B, Hkv, N, C]
+        v_blk = values[:, :, start:stop].to(acc).masked_fill(~col_ok.transpose(-1, -2), 0)  # no NaN meets P = 0
+        ds = (d_out @ v_blk.transpose(-1, -2)).sub_(delta[..., None]).mul_(p)  # [B, Hkv, N, C]
         dq.add_(ds @ k_blk, alpha=scale)
-        if dk is not None:
-            dk[:, :, start:stop] = (ds.transpose(-1, -2) @ rows.q).mul_(scale).to(dk.dtype)
-        if dv is not None:
-            dv[:, :, start:stop] = (p.transpose(-1, -2) @ rows.d_out).to(dv.dtype)
-    return dk, dv
+        if need_dkv:
+            dk[:, :, start:stop] = (ds.transpose(-1, -2) @ q).mul_(scale).to(dk.dtype)
+            dv[:, :, start:stop] = (p.transpose(-1, -2) @ d_out).to(dv.dtype)
+    return dq, dk, dv
 
 
-def _gather_attention_backward(rows: _Rows, indices: Tensor, mem_keys, mem_values, scale: float,
-                               dq: Tensor, need_dk: bool, need_dv: bool):  # fmt: skip
-    """Backward of the kNN part over the saved selection indices [B, Hkv, N, k] (-1 padding):
-    adds into dq, returns (d mem_keys, d mem_values) in the memory's dtypes, non-zero only at
-    selected slots. Slot gradients are summed with ``index_add_`` into an accumulator in the
-    compute dtype: the gradient itself when it has that dtype, else a compact buffer over the
-    touched slots only (never a compute-dtype copy of the whole memory). ``index_add_`` is
-    deterministic on the CPU (on CUDA only under ``torch.use_deterministic_algorithms``)."""
+def gather_attention_backward_torch(query, indices, mem_keys, mem_values, d_out, lse, delta, scale: float,
+                                    need_dkv: bool):  # fmt: skip
+    """Backward of the kNN part (the op ``fot::gather_attention_backward``) over the forward's
+    selection indices [B, Hkv, N, k] (-1 padding; never recomputed): the scores of the selected
+    slots are recomputed exactly from the rows and the gathered keys. Arguments and returns as
+    :func:`flash_scan_backward_torch`; d mem_keys / d mem_values are non-zero only at selected
+    slots. Slot gradients are summed with ``index_add_`` into an accumulator in the accumulation
+    dtype: the gradient itself when it has that dtype, else a compact buffer over the touched slots
+    only (never an fp32 copy of the whole memory). ``index_add_`` is deterministic on the CPU (on
+    CUDA only under ``torch.use_deterministic_algorithms``)."""
     batch, heads, num_rows, k = indices.shape
     num_slots, head_dim = mem_keys.shape[2], mem_keys.shape[3]
-    cd = rows.q.dtype
+    acc_dtype = d_out.dtype
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    dq = torch.zeros(d_out.shape, dtype=acc_dtype, device=d_out.device)
     # slot ids in the flattened gradient [B * Hkv * M, D]; padding points at slot 0 of its (b, h)
     # with a contribution of exactly 0
     base = torch.arange(batch * heads, device=indices.device).view(batch, heads, 1, 1) * num_slots
     flat_ids = indices.clamp_min(0) + base
     grads, targets = [], []
-    for needed, like in ((need_dk, mem_keys), (need_dv, mem_values)):
-        if not needed:
-            grads.append(None)
-            targets.append(None)
+    for like in (mem_keys, mem_values):
+        if not need_dkv:
+            grads.append(like.new_empty(0))
             continue
         grad = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
-        if like.dtype == cd:
+        if like.dtype == acc_dtype:
             targets.append((grad.view(-1, head_dim), flat_ids, None))
         else:
             touched, compact = torch.unique(flat_ids, return_inverse=True)  # sorted: deterministic
-            targets.append((grad.new_zeros((touched.numel(), head_dim), dtype=cd), compact, touched))
+            targets.append((grad.new_zeros((touched.numel(), head_dim), dtype=acc_dtype), compact, touched))
         grads.append(grad)
-    step = max(1, GATHER_ENTRIES // (batch * heads * k))  # rows per block: [B, Hkv, step, k, D] gathered
+    step = max(1, GATHER_ENTRIES // max(1, batch * heads * k))  # rows per block: [B, Hkv, step, k, D] gathered
     for start in range(0, num_rows, step):
         stop = min(start + step, num_rows)
         idx = indices[:, :, start:stop]  # [B, Hkv, r, k]
         pad = idx < 0
         gather_at = idx.clamp_min(0).flatten(2)[..., None].expand(-1, -1, -1, head_dim)
         shape = (batch, heads, stop - start, k, head_dim)
-        k_sel = mem_keys.gather(2, gather_at).view(shape).to(cd).masked_fill(pad[..., None], 0)  # [B, Hkv, r, k, D]
-        v_sel = mem_values.gather(2, gather_at).view(shape).to(cd).masked_fill(pad[..., None], 0)
-        q, d_out = rows.q[:, :, start:stop], rows.d_out[:, :, start:stop]  # [B, Hkv, r, D]
+        k_sel = mem_keys.gather(2, gather_at).view(shape).to(acc_dtype).masked_fill(pad[..., None], 0)
+        v_sel = mem_values.gather(2, gather_at).view(shape).to(acc_dtype).masked_fill(pad[..., None], 0)
+        q, g_out = query[:, :, start:stop].to(acc_dtype), d_out[:, :, start:stop]  # [B, Hkv, r, D]
         p = (k_sel @ q[..., None]).squeeze(-1).masked_fill_(pad, float("-inf"))  # [B, Hkv, r, k] scores
-        p.mul_(scale).sub_(rows.lse[:, :, start:stop, None]).exp_().nan_to_num_(nan=0.0, posinf=0.0)
-        ds = p * ((v_sel @ d_out[..., None]).squeeze(-1) - rows.delta[:, :, start:stop, None])  # [B, Hkv, r, k]
-        dq[:, :, start:stop] += (ds[..., None, :] @ k_sel).squeeze(-2) * scale
-        if targets[0] is not None:  # dk_j += scale * dS_ij q_i
-            acc, ids, _ = targets[0]
-            contrib = ds[..., None] * (q[..., None, :] * scale)  # [B, Hkv, r, k, D]
-            acc.index_add_(0, ids[:, :, start:stop].flatten(), contrib.flatten(0, -2))
-        if targets[1] is not None:  # dv_j += P_ij dO_i
-            acc, ids, _ = targets[1]
-            acc.index_add_(0, ids[:, :, start:stop].flatten(), (p[..., None] * d_out[..., None, :]).flatten(0, -2))
+        p.mul_(scale).sub_(lse[:, :, start:stop, None]).exp_().nan_to_num_(nan=0.0, posinf=0.0)
+        ds = p * ((v_sel @ g_out[..., None]).squeeze(-1) - delta[:, :, start:stop, None])  # [B, Hkv, r, k]
+        dq[:, :, start:stop] = (ds[..., None, :] @ k_sel).squeeze(-2) * scale
+        if need_dkv:
+            (acc_k, ids_k, _), (acc_v, ids_v, _) = targets
+            contrib = ds[..., None] * (q[..., None, :] * scale)  # dk_j += scale * dS_ij q_i: [B, Hkv, r, k, D]
+            acc_k.index_add_(0, ids_k[:, :, start:stop].flatten(), contrib.flatten(0, -2))
+            acc_v.index_add_(0, ids_v[:, :, start:stop].flatten(), (p[..., None] * g_out[..., None, :]).flatten(0, -2))
     for grad, target in zip(grads, targets):
-        if target is not None and target[2] is not None:  # compact buffer -> the gradient's dtype
+        if target[2] is not None:  # compact buffer -> the gradient's dtype
             grad.view(-1, head_dim).index_copy_(0, target[2], target[0].to(grad.dtype))
-    return grads[0], grads[1]
+    return dq, grads[0], grads[1]
+
+
+TORCH_GRAD_KERNELS = SimpleNamespace(
+    flash_scan_backward=flash_scan_backward_torch, gather_attention_backward=gather_attention_backward_torch
+)
+
+
+def memory_attention_backward(
+    grad_out, grad_lse, query, key, value, mem_keys, mem_values, out, lse, indices, mem_lengths, mem_mask, needs,
+    *, topk, causal, softmax_scale, kernels: Kernels = TORCH_KERNELS,
+) -> tuple[Tensor | None, ...]:
+    """Gradients (dq, dk, dv, d mem_keys, d mem_values), each in its input's dtype (None where
+    ``needs`` says it is not wanted), accumulated in fp32 (float64 for float64 inputs), by the
+    backward kernels ``kernels.grad_ops`` of each part (local, then dense or kNN memory) with the
+    merged lse: the parts' dq are summed; nothing of size Lq x M is held."""
+    batch, num_q_heads, len_q, _ = query.shape
+    num_kv_heads = mem_keys.shape[1]
+    cd = compute_dtype(query, key, value, mem_keys, mem_values)
+    acc = lse_dtype(cd)
+    num_rows = (num_q_heads // num_kv_heads) * len_q
+    rows_f = _group_queries(query, num_kv_heads, acc)
+    q_ok = finite_rows(rows_f)
+    if grad_out is None:
+        d_out = rows_f.new_zeros(rows_f.shape)
+        delta = rows_f.new_zeros(rows_f.shape[:3])
+    else:
+        d_out = _group_queries(grad_out, num_kv_heads, acc)
+        delta = (d_out * _group_queries(out, num_kv_heads, acc)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(acc).reshape(batch, num_kv_heads, num_rows)
+    # a row whose lse is -inf (a non-finite query, or nothing to attend to) dropped every entry:
+    # its dO and delta are zeroed too, so that no NaN/inf upstream gradient reaches a key through it
+    lse_rows = lse.to(acc).reshape(batch, num_kv_heads, num_rows)
+    dead = torch.isneginf(lse_rows) | ~q_ok
+    d_out = d_out.masked_fill(dead[..., None], 0)
+    delta = delta.masked_fill(dead, 0)
+    grad_ops = TORCH_GRAD_KERNELS if kernels.grad_ops is None else kernels.grad_ops
+
+    def rows_for(*operands):
+        rows = _group_queries(query, num_kv_heads, kernels.row_dtype(query, *operands))
+        return rows.masked_fill(~q_ok[..., None], 0)  # a NaN/inf query row scored nothing
+
+    dq = None
+    d_key = d_value = d_mem_keys = d_mem_values = None
+    if key is not None and key.shape[2] > 0 and len_q > 0:
+        key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+        dq, d_key, d_value = grad_ops.flash_scan_backward(
+            rows_for(key, value), key, value, d_out, lse_rows, delta, None, None, softmax_scale,
+            len_q if causal else 0, needs[1] or needs[2],
+        )  # fmt: skip
+    if mem_keys.shape[2] > 0 and len_q > 0:
+        rows = rows_for(mem_keys, mem_values)
+        need_mem = needs[3] or needs[4]
+        if topk is None:
+            dq_m, d_mem_keys, d_mem_values = grad_ops.flash_scan_backward(
+                rows, mem_keys, mem_values, d_out, lse_rows, delta, mem_lengths, mem_mask, softmax_scale, 0, need_mem
+            )  # fmt: skip
+        else:
+            dq_m, d_mem_keys, d_mem_values = grad_ops.gather_attention_backward(
+                rows, indices, mem_keys, mem_values, d_out, lse_rows, delta, softmax_scale, need_mem
+            )  # fmt: skip
+        dq = dq_m if dq is None else dq.add_(dq_m)
+    d_query = None
+    if needs[0]:
+        d_query = (_ungroup(dq, num_q_heads, len_q) if dq is not None else torch.zeros_like(query, dtype=acc))
+        d_query = d_query.to(query.dtype)
+    if key is not None:  # a part that did not run (no rows, no keys) has zero gradient
+        d_key = _grad_or_zeros(d_key, key, needs[1])
+        d_value = _grad_or_zeros(d_value, value, needs[2])
+    d_mem_keys = _grad_or_zeros(d_mem_keys, mem_keys, needs[3])
+    d_mem_values = _grad_or_zeros(d_mem_values, mem_values, needs[4])
+    return d_query, d_key, d_value, d_mem_keys, d_mem_values
+
+
+def _grad_or_zeros(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
+    if not needed:
+        return None
+    if grad is None or grad.numel() != like.numel():  # the part did not run, or returned no dk/dv
+        return torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    return grad
