@@ -63,6 +63,9 @@ SCHEMAS = {
     ),
 }
 
+FORWARD_OPS = ("knn_scan", "flash_scan", "gather_attention")
+BACKWARD_OPS = ("flash_scan_backward", "gather_attention_backward")
+
 _lock = threading.Lock()
 _libraries: dict[str, torch.library.Library] = {}  # kept alive: dropping one unregisters its ops
 

@@ -5,7 +5,7 @@ with flash-attention's tolerance rule; plus gradcheck, the memory bound, determi
 
 import pytest
 import torch
-from conftest import _use_cpu_kernels
+from conftest import _use_cpu_kernels, emulate_cuda_backend
 
 import fot_kernels as fk
 from fot_kernels.backends import cpu, streaming
@@ -25,13 +25,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["streaming", "cpu", "cpu-pytorch-kernels"])
+@pytest.fixture(params=["streaming", "cpu", "cpu-pytorch-kernels", "triton", "cuda-emulated"])
 def backend(request, monkeypatch):
-    """The backend= name; "cpu" runs the C++ forward kernels, "cpu-pytorch-kernels" the fallback."""
+    """The backend= name; "cpu" runs the C++ kernels, "cpu-pytorch-kernels" the PyTorch fallback
+    kernels, "triton" the Triton kernels under the interpreter, "cuda-emulated" csrc/cuda's kernels
+    built for the CPU (tests/cuda_emu)."""
     if request.param.startswith("cpu"):
         _use_cpu_kernels("ext" if request.param == "cpu" else "torch", monkeypatch)
         return "cpu"
-    return "streaming"
+    if request.param == "cuda-emulated":
+        emulate_cuda_backend(monkeypatch)
+        return "cuda"
+    return request.param
 
 
 def _leaf(t, dtype=None):

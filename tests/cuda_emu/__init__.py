@@ -98,7 +98,7 @@ def load(verbose: bool | None = None, *, sanitize: bool | None = None):
         verbose=verbose,
     )
     ops = _library.ops(NAMESPACE)  # the schemas and fakes; the library above registered the kernels
-    missing = [op for op in _library.SCHEMAS if not _library.has_kernel(op, "CPU", NAMESPACE)]
+    missing = [op for op in _library.FORWARD_OPS if not _library.has_kernel(op, "CPU", NAMESPACE)]
     if missing:
         raise RuntimeError(f"the CUDA emulator build registered no CPU kernel for {NAMESPACE}::{missing}")
     _OPS = ops
