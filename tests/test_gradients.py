@@ -252,3 +252,30 @@ def test_backward_memory_does_not_grow_with_lq_times_m(name, topk):
     assert all(torch.isfinite(g).all() for g in grads) and grads[3].abs().sum() > 0
     lq_by_m = len_q * slots * 4
     assert growth < lq_by_m, f"forward+backward grew by {growth / 2**20:.1f} MiB (Lq x M: {lq_by_m / 2**20:.0f} MiB)"
+
+
+@pytest.mark.parametrize("topk", [None, 5])
+def test_torch_compile_training_step(topk):
+    """A training step whose forward and loss are compiled with fullgraph=True (AOTAutograd then
+    compiles the backward) takes the same SGD step as eager: the composition's Function and the
+    custom ops trace without a graph break."""
+    case = make_case(1, 4, 2, 6, 8, 40, 16, lengths=True)
+    weight = torch.randn(16, 16) / 4
+
+    def loss_fn(w, q, k, v, mk, mv, lengths):
+        out = fk.memory_attention(q @ w, k, v, mk, mv, topk=topk, mem_lengths=lengths, backend="cpu")
+        return out.sin().sum()
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, backend="aot_eager", fullgraph=True)):
+        w, q, k, v, mk, mv = [_leaf(weight), *(_leaf(t) for t in _inputs(case))]
+        opt = torch.optim.SGD([w, k, v, mk, mv], lr=0.1)
+        loss = fn(w, q, k, v, mk, mv, case.mem_lengths)
+        loss.backward()
+        opt.step()
+        results.append((loss.detach(), [x.detach() for x in (w, q.grad, k, v, mk, mv)]))
+    (loss_e, new_e), (loss_c, new_c) = results
+    torch.testing.assert_close(loss_c, loss_e)
+    for c, e in zip(new_c, new_e):
+        torch.testing.assert_close(c, e)
+    assert not torch.equal(new_e[0], weight) and not torch.equal(new_e[4], case.mem_keys)  # the step moved them
