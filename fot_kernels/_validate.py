@@ -190,3 +190,62 @@ def check_merge_inputs(outs: object, lses: object) -> tuple[list[Tensor], list[T
             raise ValueError(f"outs[{i}] must have the shape of outs[0] {tuple(outs_t[0].shape)}, got {tuple(o.shape)}")
         _same_device("outs[0]", outs_t[0], **{f"outs[{i}]": o, f"lses[{i}]": x})
     return outs_t, lses_t
+
+
+def check_crossbatch(
+    query: object,
+    key: object,
+    value: object,
+    mem_keys: object,
+    cross_batch_range: object,
+    dataset_packing: object,
+    cross_batch_stepping: object,
+    key_padding_mask: object,
+    softmax_scale: object,
+) -> tuple[int, int, bool, Tensor | None, float]:
+    """The arguments of ``crossbatch_attention`` (docs/DESIGN.md 3.5): query [B, Hq, L, D]; key,
+    value, mem_keys [B, Hkv, L, D] (one shape); Hq % Hkv == 0; d >= 1; P >= 1 dividing B; a bool
+    stepping flag; key_padding_mask bool [B, L]; softmax_scale finite and > 0. Returns
+    (d, P, stepping, key_padding_mask contiguous or None, scale)."""
+    q = _tensor("query", query, 4)
+    k = _tensor("key", key, 4)
+    v = _tensor("value", value, 4)
+    mk = _tensor("mem_keys", mem_keys, 4)
+    batch, num_q_heads, length, head_dim = q.shape
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"query head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    for name, t in (("key", k), ("value", v), ("mem_keys", mk)):
+        if t.shape[0] != batch or t.shape[2] != length or t.shape[3] != head_dim:
+            raise ValueError(f"{name} must be [B={batch}, Hkv, L={length}, D={head_dim}] like query, "
+                             f"got shape {tuple(t.shape)}")  # fmt: skip
+    if k.shape[1] < 1 or num_q_heads % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({num_q_heads}) must be a multiple of key heads (grouped-query attention), "
+            f"got key shape {tuple(k.shape)}"
+        )
+    for name, t in (("value", v), ("mem_keys", mk)):
+        if t.shape != k.shape:
+            raise ValueError(f"{name} must have the shape of key {tuple(k.shape)}, got {tuple(t.shape)}")
+    _same_device("query", q, key=k, value=v, mem_keys=mk)
+    d = check_k("cross_batch_range", cross_batch_range)
+    packing = check_k("dataset_packing", dataset_packing)
+    if batch % packing != 0:
+        raise ValueError(f"dataset_packing must divide the batch size ({batch}), got {packing}")
+    stepping = check_flag("cross_batch_stepping", cross_batch_stepping)
+    mask = None
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            got = str(key_padding_mask.dtype).replace("torch.", "")
+            raise TypeError(f"key_padding_mask must have dtype bool, got {got}")
+        if key_padding_mask.shape != (batch, length):
+            raise ValueError(
+                f"key_padding_mask must have shape [B, L] = ({batch}, {length}), got {tuple(key_padding_mask.shape)}"
+            )
+        _same_device("query", q, key_padding_mask=key_padding_mask)
+        mask = key_padding_mask.contiguous()
+    scale = check_scale(softmax_scale, head_dim)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale!r:.60}")
+    return d, packing, stepping, mask, scale

@@ -204,3 +204,87 @@ def memory_attention(
         start += width
     out = torch.where(empty[..., None], 0.0, out)  # a row with no candidate reads no value at all
     return out.to(query.dtype), lse
+
+
+def crossbatch_pack(batch: int, cross_batch_range: int, dataset_packing: int, cross_batch_stepping: bool) -> Tensor:
+    """pack(b) [B] of docs/DESIGN.md 3.5, written out again here (the oracle imports nothing from
+    the production path): context c of row b is visible iff c < pack(b)."""
+    d, p = cross_batch_range, dataset_packing
+    b = torch.arange(batch)
+    if p == 1 or not cross_batch_stepping:
+        pack = torch.full((batch,), d + 1)
+    else:
+        step = -(-(d + 1) // max(p - 1, 1))  # ceil((d + 1) / max(P - 1, 1))
+        pack = torch.clamp((b % p) * step + 1, max=d + 1)
+    return torch.minimum(pack, b + 1)
+
+
+def crossbatch_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mem_keys: Tensor,
+    *,
+    cross_batch_range: int,
+    dataset_packing: int = 1,
+    cross_batch_stepping: bool = False,
+    key_padding_mask: Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """FoT's CrossBatch attention (docs/DESIGN.md 3.5), literally: gather the memory of each row's
+    contexts c = 1..d, rows (b - c) mod B, into [B, Hkv, d * L, D] (context c at slots
+    (c - 1) * L .. c * L - 1), mask the contexts with c >= pack(b), and take one softmax over
+    [local causal (and key-padded) scores | gathered memory scores].
+
+    Returns ``(out [B, Hq, L, D] in query.dtype, lse [B, Hq, L])`` (fp32, fp64 for fp64 inputs).
+    Differentiable through plain autograd (the gradient oracle).
+    """
+    batch, num_q_heads, length, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    n_rep = num_q_heads // num_kv_heads
+    # contexts c >= B are never visible (pack(b) <= b + 1 <= B): not gathered, whatever d is
+    d = min(cross_batch_range, max(batch, 1))
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    cd = compute_dtype(query, key, value, mem_keys)
+    q = query.to(cd)
+    neg_inf = float("-inf")
+    device = query.device
+
+    # local part: causal, key padding
+    k_loc = repeat_kv(key.to(cd), n_rep)
+    s_loc, keep_loc = scores_and_keep(q, k_loc)
+    keep_loc = keep_loc & causal_allowed(length, length, device)
+    if key_padding_mask is not None:
+        keep_loc = keep_loc & key_padding_mask.to(device)[:, None, None, :]
+    v_loc = repeat_kv(value.to(cd), n_rep).masked_fill(~finite_rows(k_loc)[..., None], 0)
+
+    # memory part: the gathered contexts
+    rows = torch.arange(batch, device=device)
+    ctx = torch.arange(1, d + 1, device=device)
+    source = (rows[:, None] - ctx[None, :]) % max(batch, 1)  # [B, d]: row of context c
+    pack = crossbatch_pack(batch, cross_batch_range, dataset_packing, cross_batch_stepping).to(device)
+    visible = ctx[None, :] < pack[:, None]  # [B, d]
+
+    def gather(x: Tensor) -> Tensor:  # [B, Hkv, L, D] -> [B, Hkv, d * L, D]
+        g = x.to(cd)[source]  # [B, d, Hkv, L, D]
+        return g.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, d * length, head_dim)
+
+    k_mem = repeat_kv(gather(mem_keys), n_rep)
+    slot_visible = visible.repeat_interleave(length, dim=1)  # [B, d * L]
+    s_mem, keep_mem = scores_and_keep(q, k_mem)
+    keep_mem = keep_mem & slot_visible[:, None, None, :]
+    unread = ~slot_visible[:, None, :] | ~finite_rows(k_mem)  # [B, Hq, d * L]
+    v_mem = repeat_kv(gather(value), n_rep).masked_fill(unread[..., None], 0)
+
+    logits = torch.cat([(s_loc * scale).masked_fill(~keep_loc, neg_inf),
+                        (s_mem * scale).masked_fill(~keep_mem, neg_inf)], dim=-1)  # fmt: skip
+    values = torch.cat([v_loc, v_mem], dim=2)  # [B, Hq, (d + 1) * L, D]
+    row_max = logits.amax(-1) if logits.shape[-1] else logits.new_full(logits.shape[:-1], neg_inf)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(logits - row_max[..., None])
+    total = weights.sum(-1)
+    empty = total == 0
+    probs = weights / torch.where(empty, 1.0, total)[..., None]
+    lse = torch.where(empty, neg_inf, row_max + torch.log(torch.where(empty, 1.0, total)))
+    out = torch.where(empty[..., None], 0.0, probs @ values)
+    return out.to(query.dtype), lse
