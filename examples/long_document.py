@@ -102,5 +102,6 @@ def report(model: LlamaForCausalLM, doc: torch.Tensor, topk: int | None, where: 
     finite = bool(torch.isfinite(logits).all())
     print(f"  model step on the needle token with memory: logits {tuple(logits.shape)}, finite {finite}")
 
+
 if __name__ == "__main__":
     main()

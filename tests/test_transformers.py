@@ -1,4 +1,4 @@
-"""Hugging Face integration: a stock Llama with LongLLaMA memory inference.
+"""Hugging Face integration: stock Llama, Mistral and Qwen2 models with LongLLaMA memory inference.
 
 The oracle is :class:`LongLlamaReference`, a plain-PyTorch, step-by-step re-implementation of the
 released LongLLaMA inference code (``modeling_longllama.py``: ``_handle_long_input``,
@@ -19,7 +19,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from fot_kernels.integrations.transformers import (  # noqa: E402
     ATTN_IMPLEMENTATION,
@@ -34,16 +41,27 @@ from fot_kernels.testing import assert_close_to_reference  # noqa: E402
 WINDOW, LAST = 16, 8
 
 
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    # a sliding window as long as the memory window: served (sliding and causal attention agree)
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": WINDOW}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v projections with biases
+}
+
+
 def tiny_llama(
-    heads: int = 4, kv_heads: int = 2, layers: int = 4, seed: int = 0, head_dim: int = 12
-) -> LlamaForCausalLM:
+    heads: int = 4, kv_heads: int = 2, layers: int = 4, seed: int = 0, head_dim: int = 12, family: str = "llama"
+):
+    """A tiny random causal LM of ``family`` (default Llama)."""
+    config_class, model_class, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=101, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=WINDOW, initializer_range=0.2, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+        **extra,
     )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return model_class(config).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +176,7 @@ class LongLlamaReference:
                 start = self.past[0][2].view(bsz, -1).max(-1)[0].view(bsz, 1) + 1
             pos = torch.arange(n).view(1, n) + start
         if mask2d is not None:
-            mask2d = mask2d[:, -(initial + n):]
+            mask2d = mask2d[:, -(initial + n) :]
         to_mem = max(n - self.last, 0)
         hidden = []
         for beg in range(0, to_mem, self.window):
@@ -193,8 +211,9 @@ def _hf_positions(mask):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_empty_memory_equals_stock_model():
-    model = tiny_llama()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_memory_equals_stock_model(family):
+    model = tiny_llama(family=family)
     ids, mask = _left_padded(length=LAST)  # short: nothing reaches memory
     with torch.no_grad():
         stock = model(ids, attention_mask=mask).logits
@@ -204,15 +223,15 @@ def test_empty_memory_equals_stock_model():
     assert torch.allclose(ours[valid], stock[valid], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("topk", [None, 3])
-def test_long_input_matches_longllama_reference(topk):
+@pytest.mark.parametrize(("family", "topk"), [("llama", None), ("llama", 3), ("mistral", None), ("qwen2", 3)])
+def test_long_input_matches_longllama_reference(family, topk):
     """Convergence check: logits of the patched model vs LongLLaMA's computation of the same
     windows and joint softmax, at every non-padding position, under the flash-attention rule."""
-    model = tiny_llama()
+    model = tiny_llama(family=family)
     ids, mask = _left_padded(length=61, pad=21)  # row 1: a whole first window of padding
     pos = _hf_positions(mask)
     ref_lo = LongLlamaReference(model, [1, 3], topk=topk).forward(ids, mask, pos)
-    ref_hi = LongLlamaReference(tiny_llama().double(), [1, 3], mem_dtype=torch.float64, topk=topk)
+    ref_hi = LongLlamaReference(tiny_llama(family=family).double(), [1, 3], mem_dtype=torch.float64, topk=topk)
     ref_hi = ref_hi.forward(ids, mask, pos)
     enable_memory(model, [1, 3], topk=topk, capacity=128, last_context_length=LAST, mem_dtype=torch.float32)
     with torch.no_grad():
@@ -258,10 +277,11 @@ def test_use_cache_false_sends_everything_to_memory():
     assert out.cache.local_length == 0 and out.cache.memory.num_slots(1) == 40
 
 
-def test_greedy_generation_matches_step_by_step_reference():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_matches_step_by_step_reference(family):
     """Prefill + 20 decoding steps: the local cache overflows the window twice, moves to memory,
     and local positions restart at 0; tokens and every step's logits match the reference."""
-    model = tiny_llama()
+    model = tiny_llama(family=family)
     ids, mask = _left_padded(length=37, pad=3)
     steps = 20
     ref = LongLlamaReference(model, [1, 3])
@@ -278,7 +298,7 @@ def test_greedy_generation_matches_step_by_step_reference():
     with torch.no_grad():
         kwargs = dict(max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True)
         out = model.generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(out.sequences[:, ids.shape[1]:], ref_tokens)
+    assert torch.equal(out.sequences[:, ids.shape[1] :], ref_tokens)
     for step, (a, b) in enumerate(zip(out.logits, ref_logits)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
 
@@ -362,8 +382,9 @@ def test_continuation_of_a_cache_with_generate():
     assert cache.seen_tokens == 44 + 5
 
 
-def test_disable_memory_restores_the_stock_model():
-    model = tiny_llama()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disable_memory_restores_the_stock_model(family):
+    model = tiny_llama(family=family)
     ids = torch.randint(1, 101, (1, 40))
     previous = model.config._attn_implementation
     with torch.no_grad():
@@ -377,7 +398,7 @@ def test_disable_memory_restores_the_stock_model():
     assert "forward" not in vars(model) and not hasattr(model, "fot_memory")
     assert not model.model.layers[1].self_attn.k_proj._forward_hooks
     assert torch.equal(again, stock)
-    other = tiny_llama(seed=3)  # another instance was never touched
+    other = tiny_llama(seed=3, family=family)  # another instance was never touched
     assert other.config._attn_implementation == previous
 
 

@@ -1,4 +1,5 @@
-"""LongLLaMA memory inference for a stock Hugging Face Llama model (transformers >= 5).
+"""LongLLaMA memory inference and FoT CrossBatch training for stock Hugging Face Llama, Mistral and
+Qwen2 causal LMs (transformers >= 5).
 
     from fot_kernels.integrations.transformers import enable_memory, disable_memory
 
@@ -35,11 +36,23 @@ starts at 0. Position ids default to ``generate``'s (cumulative sum of the atten
 left-padded row is rotated like the same row without padding). Padding (``attention_mask == 0``)
 is masked locally and in memory.
 
-Training: gradients flow through the memory layers (local part and the queries that score the
-memory); the memory is a detached cache.
+Training through memory inference: gradients flow through the memory layers (local part and the
+queries that score the memory); the memory is a detached cache.
+
+FoT's CrossBatch training (:mod:`.crossbatch`): ``enable_crossbatch(model, memory_layers,
+cross_batch_range, dataset_packing=1, cross_batch_stepping=False)`` makes the memory layers attend
+across the rows of each training batch (docs/DESIGN.md 3.5) with the stock forward, loss, gradient
+checkpointing, autocast and ``Trainer``; ``disable_crossbatch(model)`` undoes it, and the trained
+model then runs ``enable_memory`` with the same memory layers, no conversion. The two modes
+exclude each other on one instance.
+
+Model families (:mod:`.models`): Llama, Mistral and Qwen2 (``SUPPORTED_MODEL_TYPES``); others are
+refused with a TypeError. Sliding-window attention is served only where it equals causal attention
+(local contexts of at most ``sliding_window`` tokens), and refused beyond.
 
 Modules: :mod:`.cache` (state), :mod:`.attention` (attention-interface registration),
-:mod:`.forward` (windowed forward), :mod:`.enable` (enable/disable), :mod:`.longllama`
+:mod:`.forward` (windowed forward), :mod:`.enable` (enable/disable), :mod:`.crossbatch`
+(CrossBatch training mode), :mod:`.models` (model families, key hooks), :mod:`.longllama`
 (LongLLaMA checkpoints).
 """
 
@@ -47,16 +60,23 @@ from __future__ import annotations
 
 from .attention import ATTN_IMPLEMENTATION
 from .cache import MemoryCache, WindowPlan
+from .crossbatch import CROSSBATCH_IMPLEMENTATION, CrossBatchIntegration, disable_crossbatch, enable_crossbatch
 from .enable import MemoryIntegration, disable_memory, enable_memory
 from .longllama import LONGLLAMA_FIELDS, load_longllama, longllama_config_to_llama
+from .models import SUPPORTED_MODEL_TYPES
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "CROSSBATCH_IMPLEMENTATION",
     "LONGLLAMA_FIELDS",
+    "SUPPORTED_MODEL_TYPES",
+    "CrossBatchIntegration",
     "MemoryCache",
     "MemoryIntegration",
     "WindowPlan",
+    "disable_crossbatch",
     "disable_memory",
+    "enable_crossbatch",
     "enable_memory",
     "load_longllama",
     "longllama_config_to_llama",

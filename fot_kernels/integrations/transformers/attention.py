@@ -15,8 +15,27 @@ from torch import Tensor, nn
 from ...nn import local_attention
 from ._hf import AttentionInterface, AttentionMaskInterface
 from .cache import MemoryCache
+from .models import check_local_length
 
 ATTN_IMPLEMENTATION = "fot_memory"
+
+#: keyword arguments of packed (padding-free) batches, which these attention functions do not serve
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def check_attention_kwargs(module: nn.Module, key: Tensor, dropout: float, kwargs: dict) -> None:
+    """Refuse what the integration's attention functions do not compute (never a silently
+    different result): attention dropout, packed-sequence batches, and a local context longer
+    than the layer's sliding window."""
+    if dropout:
+        raise ValueError(f"attention dropout is not supported with memory/CrossBatch, got {dropout}")
+    packed = [name for name in PACKED_KWARGS if kwargs.get(name) is not None]
+    if packed:
+        raise ValueError(
+            f"packed-sequence batches ({', '.join(packed)}) are not supported with memory/CrossBatch: pass a [B, L] "
+            "batch with an attention_mask"
+        )
+    check_local_length(kwargs.get("sliding_window"), key.shape[2], module.layer_idx)
 
 
 def fot_attention(
@@ -39,8 +58,7 @@ def fot_attention(
             f"attn_implementation {ATTN_IMPLEMENTATION!r} only runs inside a model prepared by "
             "fot_kernels.integrations.transformers.enable_memory()"
         )
-    if dropout:
-        raise ValueError(f"attention dropout is not supported with memory, got {dropout}")
+    check_attention_kwargs(module, key, dropout, kwargs)
     padding = attention_mask if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 else None
     layer_idx = module.layer_idx
     if layer_idx not in cache.memory_layers:
@@ -85,4 +103,4 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, fot_mask)
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "fot_attention", "fot_mask", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "PACKED_KWARGS", "check_attention_kwargs", "fot_attention", "fot_mask", "register"]

@@ -8,16 +8,19 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ...memory import MAX_DIM, _parse_dtype, _positive_int
 from ...nn import _check_backend, _check_topk, memory_layer_attention
 from . import attention
 from .cache import MemoryCache
 from .forward import bind_forward
+from .models import add_unrotated_key_hooks, check_memory_layers, check_model, sliding_window
 
 #: the attribute of a memory-enabled model that holds its :class:`MemoryIntegration`
 STATE_ATTR = "fot_memory"
+#: the attribute of a model in CrossBatch training mode (:mod:`.crossbatch`); the two modes exclude each other
+CROSSBATCH_ATTR = "fot_crossbatch"
 
 
 class MemoryIntegration:
@@ -78,9 +81,7 @@ class MemoryIntegration:
         self._previous_attn = model.config._attn_implementation
         self._previous_forward = vars(model).get("forward")  # e.g. an accelerate hook's wrapper, restored later
         model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)  # first: the step that may refuse
-        for idx in self.memory_layers:
-            attn = model.model.layers[idx].self_attn
-            self._hooks.append(attn.k_proj.register_forward_hook(self._key_hook(idx, attn.head_dim)))
+        self._hooks.extend(add_unrotated_key_hooks(model, self.memory_layers, self._capture))
         setattr(model, STATE_ATTR, self)
         model.forward = bind_forward(model, self)
 
@@ -95,13 +96,10 @@ class MemoryIntegration:
         model.set_attn_implementation(self._previous_attn)
         delattr(model, STATE_ATTR)
 
-    def _key_hook(self, layer_idx: int, head_dim: int):
-        def hook(_module, _inputs, output):
-            if self._active is not None:
-                batch, length = output.shape[:2]
-                self._active.capture_unrotated_keys(layer_idx, output.view(batch, length, -1, head_dim).transpose(1, 2))
-
-        return hook
+    def _capture(self, layer_idx: int, keys: Tensor) -> None:
+        """The memory layers' ``k_proj`` hooks: un-rotated keys ``[B, Hkv, n, D]`` go to the active cache."""
+        if self._active is not None:
+            self._active.capture_unrotated_keys(layer_idx, keys)
 
     def __repr__(self) -> str:
         return (
@@ -122,12 +120,15 @@ def enable_memory(
     mem_dtype: torch.dtype | str | None = None,
     backend: str = "auto",
 ) -> MemoryIntegration:
-    """Give a ``LlamaForCausalLM`` instance LongLLaMA's memory inference (reverse: :func:`disable_memory`).
+    """Give a Llama, Mistral or Qwen2 causal LM instance LongLLaMA's memory inference (reverse: :func:`disable_memory`).
 
     Every argument is checked here, before the model is changed.
 
     Args:
-        model: a transformers (>= 5) ``LlamaForCausalLM``; only this instance is changed.
+        model: a transformers (>= 5) ``LlamaForCausalLM``, ``MistralForCausalLM`` or
+            ``Qwen2ForCausalLM`` (:mod:`.models`); only this instance is changed. A sliding-window
+            model is served when its local contexts (``window``, ``last_context_length``) fit in
+            the sliding window, where sliding and causal attention agree.
         memory_layers: decoder layer indices with memory (default: ``config.mem_layers``, the
             LongLLaMA config field).
         topk: None for dense memory (LongLLaMA's released inference) or k >= 1 for kNN memory.
@@ -143,28 +144,16 @@ def enable_memory(
         the :class:`MemoryIntegration`, also at ``model.fot_memory`` (``.new_cache()`` makes a
         :class:`MemoryCache` to pass as ``cache=``).
     """
-    layers = _check_model(model)
+    layers = check_model(model, "enable_memory")
     config = model.config
     if hasattr(model, STATE_ATTR):
         raise ValueError("memory is already enabled on this model; call disable_memory(model) first")
-    if memory_layers is None:
-        memory_layers = getattr(config, "mem_layers", None)
-        if memory_layers is None:
-            raise ValueError("memory_layers is required (the model config has no mem_layers field)")
-    if isinstance(memory_layers, (str, bytes)) or not isinstance(memory_layers, Iterable):
-        raise TypeError(f"memory_layers must be a list of layer indices, got {type(memory_layers).__name__}")
-    memory_layers = list(memory_layers)
-    if not memory_layers:
-        raise ValueError("memory_layers must name at least one layer")
-    for idx in memory_layers:
-        _positive_int("each entry of memory_layers", idx, 0)
-        if idx >= len(layers):
-            raise ValueError(
-                f"memory layer index {idx} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})"
-            )
-    memory_layers = tuple(int(idx) for idx in memory_layers)
-    if len(set(memory_layers)) != len(memory_layers):
-        raise ValueError(f"memory_layers must be distinct, got {list(memory_layers)}")
+    if hasattr(model, CROSSBATCH_ATTR):
+        raise ValueError(
+            "this model is in CrossBatch training mode (enable_crossbatch); call disable_crossbatch(model) before "
+            "enable_memory(model)"
+        )
+    memory_layers = check_memory_layers(memory_layers, len(layers), config)
     topk = _check_topk(topk)
     window = _positive_int("window", config.max_position_embeddings if window is None else window, 1, MAX_DIM)
     if last_context_length is None:
@@ -176,6 +165,14 @@ def enable_memory(
         raise ValueError(
             f"capacity ({capacity}) must be >= window ({window}) and >= last_context_length ({last_context_length}): "
             "a window (or an evicted local cache) must fit in memory"
+        )
+    sliding = sliding_window(config)
+    if sliding is not None and max(window, last_context_length) > sliding:
+        raise ValueError(
+            f"{type(model).__name__} uses sliding_window={sliding}, smaller than window ({window}) or "
+            f"last_context_length ({last_context_length}): sliding-window attention is not supported with memory; "
+            f"pass window <= {sliding} and last_context_length <= {sliding} (where it equals causal attention), "
+            "or set config.sliding_window=None"
         )
     if mem_dtype is None:
         mem_dtype = getattr(config, "mem_dtype", None) or model.dtype
@@ -209,19 +206,4 @@ def disable_memory(model) -> None:
     state.detach(model)
 
 
-def _check_model(model) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(model, nn.Module) or not isinstance(layers, nn.ModuleList) or not hasattr(model, "lm_head"):
-        raise TypeError(f"enable_memory needs a transformers LlamaForCausalLM-like model, got {type(model).__name__}")
-    for layer in layers:
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "k_proj") or not hasattr(attn, "layer_idx"):
-            raise TypeError(f"{type(model).__name__}: decoder layers must have a Llama-style self_attn with k_proj")
-    rope = getattr(model.config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"only the default RoPE is supported with memory, got rope_type {rope.get('rope_type')!r}")
-    return layers
-
-
-__all__ = ["STATE_ATTR", "MemoryIntegration", "disable_memory", "enable_memory"]
+__all__ = ["CROSSBATCH_ATTR", "STATE_ATTR", "MemoryIntegration", "disable_memory", "enable_memory"]
