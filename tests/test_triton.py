@@ -458,18 +458,25 @@ def test_local_and_memory_kv_heads_must_match(poison_empty):
         ops.memory_attention(c.query, key, value, c.mem_keys, c.mem_values, backend="triton")
 
 
-def test_inputs_requiring_grad_are_refused(poison_empty):
-    """No backward kernels yet (docs/DESIGN.md 3.4): an input that requires grad is refused with the
-    reason, never served with an output detached from the graph; under no_grad it runs."""
+@pytest.mark.parametrize("topk", [None, 4], ids=["dense", "knn"])
+def test_inputs_requiring_grad_get_fused_gradients(poison_empty, topk, monkeypatch):
+    """Inputs that require grad are served through fot_kernels.autograd with the fused backward
+    kernels (docs/DESIGN.md 3.4), never with an output detached from the graph: the PyTorch backward
+    ops are not called, and the gradients match the float64 reference (tests/test_gradients.py and
+    tests/test_triton_backward.py check them in depth)."""
+    from fot_kernels.backends import streaming
+
+    for name in ("flash_scan_backward_torch", "gather_attention_backward_torch"):
+        monkeypatch.setattr(streaming.TORCH_GRAD_KERNELS, name.removesuffix("_torch"), None)
     c = make_case(q_heads=2, kv_heads=1, len_q=3, len_k=4, slots=30, head_dim=16, device=DEVICE)
-    q = c.query.clone().requires_grad_()
-    with pytest.raises(ops.BackendUnavailableError, match="triton: inputs require grad"):
-        ops.memory_attention(q, c.key, c.value, c.mem_keys, c.mem_values, topk=4, backend="triton")
-    mv = c.mem_values.clone().requires_grad_()
-    with pytest.raises(ops.BackendUnavailableError, match="triton: inputs require grad"):
-        ops.knn_attention(c.query, c.mem_keys, mv, topk=None, backend="triton")
+    assert TB.unsupported_reasons("memory_attention", c.query, c.mem_keys, topk=topk, needs_grad=True) == []
+    leaves = [t.clone().requires_grad_() for t in (c.query, c.key, c.value, c.mem_keys, c.mem_values)]
+    out = ops.memory_attention(*leaves, topk=topk, backend="triton")
+    assert out.grad_fn is not None
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    hi = [t.detach().double().requires_grad_() for t in leaves]
+    ref = torch.autograd.grad(R.memory_attention(*hi, topk=topk)[0], hi, torch.ones_like(hi[0]))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r.float(), atol=1e-4, rtol=1e-4)
     with torch.no_grad():
-        out = ops.memory_attention(q, c.key, c.value, c.mem_keys, c.mem_values, topk=4, backend="triton")
-    ref = R.memory_attention(c.query, c.key, c.value, c.mem_keys, c.mem_values, topk=4)[0]
-    assert not out.requires_grad
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert not ops.memory_attention(*leaves, topk=topk, backend="triton").requires_grad

@@ -50,7 +50,7 @@ def _ptxas(arch: int) -> str | None:
 
 @dataclass(frozen=True)
 class Case:
-    kernel: str  # "scan" | "merge" | "attn"
+    kernel: str  # "scan" | "merge" | "attn" | "dkdv" | "dq" | "kdq" | "kscat" (the last four: backward)
     label: str
     constexprs: tuple  # sorted (name, value) pairs
     dtypes: tuple  # sorted (arg name, triton type) pairs overriding the defaults
@@ -62,9 +62,11 @@ class Case:
 
 
 def _kernel(name: str):
-    from fot_kernels.backends.triton import _attention, _knn
+    from fot_kernels.backends.triton import _attention, _backward, _knn
 
-    return {"scan": _knn._knn_scan_kernel, "merge": _knn._knn_merge_kernel, "attn": _attention._attn_fwd_kernel}[name]
+    return {"scan": _knn._knn_scan_kernel, "merge": _knn._knn_merge_kernel, "attn": _attention._attn_fwd_kernel,
+            "dkdv": _backward._dense_bwd_dkdv_kernel, "dq": _backward._dense_bwd_dq_kernel,
+            "kdq": _backward._knn_bwd_dq_kernel, "kscat": _backward._knn_bwd_scatter_kernel}[name]  # fmt: skip
 
 
 # pointer argument types per kernel; the dtype variants override Q/MK/...
@@ -74,8 +76,16 @@ _PTRS = {
     "merge": {"PART": "*i64", "OUT_S": "*fp32", "OUT_I": "*i64"},
     "attn": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MK": "*bf16", "MV": "*bf16", "IDX": "*i64", "MLEN": "*i64",
              "MMASK": "*u8", "OUT": "*bf16", "LSE": "*fp32"},
+    "dkdv": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*fp32", "LSE": "*fp32", "DELTA": "*fp32",
+             "MLEN": "*i64", "MMASK": "*u8", "DK": "*bf16", "DV": "*bf16"},
+    "dq": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*fp32", "LSE": "*fp32", "DELTA": "*fp32",
+           "MLEN": "*i64", "MMASK": "*u8", "DQ": "*fp32"},
+    "kdq": {"Q": "*bf16", "IDX": "*i64", "MK": "*bf16", "MV": "*bf16", "DO": "*fp32", "LSE": "*fp32",
+            "DELTA": "*fp32", "DQ": "*fp32", "PBUF": "*fp32", "DSBUF": "*fp32"},
+    "kscat": {"Q": "*bf16", "DO": "*fp32", "PBUF": "*fp32", "DSBUF": "*fp32", "ORDER": "*i64", "SORTED": "*i64",
+              "RUN": "*i32", "DK": "*bf16", "DV": "*bf16"},
 }  # fmt: skip
-_FLOATS = {"qk_scale"}
+_FLOATS = {"qk_scale", "lse_scale", "scale"}
 
 #: (label, pointer dtypes, whether the product runs in fp32) of the dtype variants compiled
 _SCAN_DTYPES = [
@@ -121,7 +131,55 @@ def shipped_cases() -> list[Case]:
             case = Case("attn", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps,
                         cfg.num_stages)  # fmt: skip
             cases[case] = None
+    _add_backward_cases(cases)
     return list(cases)
+
+
+#: dtype variants of the backward kernels: (label, pointer dtypes, whether the products run in fp32)
+_BWD_DTYPES = [
+    ("bf16", {}, False),
+    ("fp32", {"Q": "*fp32", "K": "*fp32", "V": "*fp32", "MK": "*fp32", "MV": "*fp32", "DK": "*fp32", "DV": "*fp32"},
+     True),
+    ("fp32q-bf16mem", {"Q": "*fp32"}, True),
+]  # fmt: skip
+
+
+def _add_backward_cases(cases: dict) -> None:
+    """The backward kernels (``_backward.py``): dense dK/dV and dQ per (padded head dim, product
+    path), the kNN dQ gather and the deterministic dK/dV scatter per head dim and dtype."""
+    from fot_kernels.backends.triton import _configs as C
+
+    for bd, fp32 in C.shipped_bwd_configs():
+        for label, dts, dot_fp32 in _BWD_DTYPES:
+            if dot_fp32 != fp32 or (label == "fp32q-bf16mem" and bd not in (64, 128)):
+                continue
+            for kernel, cfg in (("dkdv", C.bwd_dkdv_config(bd, fp32)), ("dq", C.bwd_dq_config(bd, fp32))):
+                const = dict(BM=cfg.BM, BN=cfg.BN, BD=bd, DC=cfg.DC, CAUSAL=True, HAS_LEN=True, HAS_MASK=True,
+                             DOT_FP32=fp32, INTERPRET=False, OFF64=False)  # fmt: skip
+                name = f"BD{bd} DC{cfg.DC} BM{cfg.BM} BN{cfg.BN} w{cfg.num_warps} s{cfg.num_stages} {label}"
+                cases[Case(kernel, name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps,
+                           cfg.num_stages)] = None  # fmt: skip
+            if fp32 and label == "fp32":
+                continue  # the kNN kernels have no product path: their fp32 variant is compiled below
+            cfg = C.knn_bwd_dq_config(bd)
+            const = dict(BM=cfg.BM, BD=bd, NEED_DKV=True, OFF64=False)
+            name = f"BD{bd} BM{cfg.BM} w{cfg.num_warps} {label}"
+            cases[Case("kdq", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps,
+                       cfg.num_stages)] = None  # fmt: skip
+            cfg = C.knn_bwd_scatter_config(bd)
+            const = dict(BS=cfg.BM, BD=bd)
+            name = f"BD{bd} BS{cfg.BM} w{cfg.num_warps} {label}"
+            cases[Case("kscat", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps,
+                       cfg.num_stages)] = None  # fmt: skip
+    for bd in (16, 32, 64, 128, 256):  # kNN kernels with fp32 memory (bd 256: fp16/bf16 only, as attention)
+        if C.attn_unserved_reason(bd, True) is None:
+            dts = _BWD_DTYPES[1][1]
+            for kernel, cfg in (("kdq", C.knn_bwd_dq_config(bd)), ("kscat", C.knn_bwd_scatter_config(bd))):
+                const = dict(BM=cfg.BM, BD=bd, NEED_DKV=True, OFF64=False) if kernel == "kdq" else {"BS": cfg.BM}
+                const["BD"] = bd
+                name = f"BD{bd} {'BM' if kernel == 'kdq' else 'BS'}{cfg.BM} w{cfg.num_warps} fp32"
+                cases[Case(kernel, name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps,
+                           cfg.num_stages)] = None  # fmt: skip
 
 
 def compile_case(case: Case, arch: int) -> dict:
@@ -130,7 +188,7 @@ def compile_case(case: Case, arch: int) -> dict:
 
     fn = _kernel(case.kernel)
     const = dict(case.constexprs)
-    ptrs = {**_PTRS[case.kernel], **dict(case.dtypes)}
+    ptrs = {**_PTRS[case.kernel], **{n: t for n, t in case.dtypes if n in _PTRS[case.kernel]}}
     signature = {}
     for name in fn.arg_names:
         if name in const:

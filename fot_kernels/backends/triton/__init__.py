@@ -1,8 +1,11 @@
 """Triton backend: the fused GPU kernels (README.md beside this file has the math and invariants).
 
 Offers the backend interface of ``fot_kernels.backends``: ``unsupported_reasons``, ``knn_topk``
-and ``memory_attention``. Serves CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` (the
-Triton interpreter, used by the tests without a GPU).
+and ``memory_attention`` (differentiable: when autograd records the call, the fused forward and the
+fused backward kernels of ``_backward.py`` run through ``fot_kernels.autograd``), and the
+op-shaped backward launchers ``flash_scan_backward`` / ``gather_attention_backward``. Serves CUDA
+tensors, and CPU tensors when ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests
+without a GPU).
 
 What is served on chip: head dims 1..256 (padded to a power of two inside the kernels with masks,
 no padded copy); k in 1..256 for fp16/bf16 with D <= 64, k <= 128 for fp16/bf16 with D <= 256,
@@ -10,7 +13,7 @@ k <= 64 for fp32 or mixed dtypes with D <= 128 (the running top-k is a power-of-
 max(16, next_pow2(k)) kept in registers; mixed or fp32 products run as 3xTF32 on tiles converted
 in registers, never by upcasting a whole tensor; fp32/mixed attention needs D <= 128); GQA; memory tensors that are
 strided views of a larger store (last dim contiguous). Anything else is rejected by
-``unsupported_reasons`` with the reason.
+``unsupported_reasons`` with the reason. Gradients are served for everything the forward serves.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from .. import capability_reasons, dtype_reasons, grad_reasons
+from ... import autograd
+from .. import capability_reasons, dtype_reasons, streaming
 from . import _configs as C
 
 NAME = "triton"
@@ -67,7 +72,7 @@ def unsupported_reasons(
     needs_grad: bool = False,
 ) -> list[str]:
     """Why this backend cannot serve ``op`` for these (validated) inputs; empty if it can."""
-    reasons = grad_reasons("triton", needs_grad)
+    reasons: list[str] = []
     reason = _triton_import_reason()
     if reason:
         reasons.append(reason)
@@ -228,17 +233,53 @@ def memory_attention(
     (out [B, Hq, Lq, D] in query.dtype, lse fp32 [B, Hq, Lq]). key/value None: memory part only.
     topk None: dense memory (every valid slot); else the ``knn_topk`` selection of topk slots.
     Candidates (local or memory) whose unscaled fp32 score is NaN or +-inf are dropped, their values
-    unread; a row left with none gets out 0 and lse -inf."""
+    unread; a row left with none gets out 0 and lse -inf.
+
+    When autograd records the call, it runs through ``fot_kernels.autograd``: this fused forward
+    (saving out in fp32, lse and the kNN selection) and ``streaming.memory_attention_backward`` with
+    the fused backward kernels of ``_backward.py`` (docs/DESIGN.md 3.4)."""
+    _check_local_geometry(key, value, mem_keys)
+    forward = functools.partial(_forward, topk=topk, causal=causal, softmax_scale=softmax_scale, splits=splits)
+    if autograd.needs_grad(query, key, value, mem_keys, mem_values):
+        backward = functools.partial(streaming.memory_attention_backward, topk=topk, causal=causal,
+                                     softmax_scale=softmax_scale, kernels=_grad_kernels())  # fmt: skip
+        composition = autograd.Composition(forward, backward)
+        return autograd.memory_attention(query, key, value, mem_keys, mem_values, mem_lengths, mem_mask, composition)
+    out, lse, _ = forward(query, key, value, mem_keys, mem_values, mem_lengths, mem_mask, out_dtype=query.dtype)
+    return out, lse
+
+
+def _forward(
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    mem_keys: Tensor,
+    mem_values: Tensor,
+    mem_lengths: Tensor | None,
+    mem_mask: Tensor | None,
+    *,
+    topk: int | None,
+    causal: bool,
+    softmax_scale: float,
+    splits: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The fused forward: (out [B, Hq, Lq, D] in out_dtype, lse fp32 [B, Hq, Lq], the kNN selection
+    in the stacked layout [B, Hkv, G * Lq, k] or None). The autograd composition keeps out in fp32
+    (default out_dtype) for the backward's delta = rowsum(dO * O)."""
     from ._attention import _attn_fwd_kernel
 
     batch, num_q_heads, len_q, head_dim = query.shape
     num_kv_heads, num_slots = mem_keys.shape[1], mem_keys.shape[2]
-    _check_local_geometry(key, value, mem_keys)
+    group = num_q_heads // num_kv_heads
+    n_rows = group * len_q
     device = query.device
-    out = torch.empty(batch, num_q_heads, len_q, head_dim, dtype=query.dtype, device=device)
+    out = torch.empty(batch, num_q_heads, len_q, head_dim, dtype=out_dtype, device=device)
     lse = torch.empty(batch, num_q_heads, len_q, dtype=torch.float32, device=device)
     if lse.numel() == 0:
-        return out, lse
+        idx = None if topk is None else torch.empty(batch, num_kv_heads, n_rows, topk, dtype=torch.int64,
+                                                    device=device)  # fmt: skip
+        return out, lse, idx
     q = _last_dim_contiguous(query)
     mk, mv = _last_dim_contiguous(mem_keys), _last_dim_contiguous(mem_values)
     has_local = key is not None and key.shape[2] > 0
@@ -246,16 +287,15 @@ def memory_attention(
     v_loc = _last_dim_contiguous(value) if has_local else q
     len_k = key.shape[2] if has_local else 0
 
-    idx, k_sel, mem_mode = _dummy(device), 0, 0
+    idx, k_sel, mem_mode, selection = _dummy(device), 0, 0, None
     if num_slots > 0 and topk is not None:
         _, idx = knn_topk(q, mk, topk, mem_lengths=mem_lengths, mem_mask=mem_mask, splits=splits)
         k_sel, mem_mode = topk, 2
+        selection = idx.view(batch, num_kv_heads, n_rows, topk)  # [B, Hq, Lq, k] is contiguous: a view
     elif num_slots > 0:
         mem_mode = 1
     lengths, mask, smask_b, smask_m = _validity_args(mk, mem_lengths, mem_mask)
 
-    group = num_q_heads // num_kv_heads
-    n_rows = group * len_q
     bd = C.block_d(head_dim)
     low_local = q.dtype == k_loc.dtype == v_loc.dtype and q.dtype in _LOW
     low_mem = q.dtype == mk.dtype == mv.dtype and q.dtype in _LOW
@@ -277,7 +317,153 @@ def memory_attention(
         OFF64=_needs_off64(num_slots, mk.stride(2), mv.stride(2), smask_m),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=C.MAXNREG,
     )  # fmt: skip
-    return out, lse
+    return out, lse, selection
 
 
-__all__ = ["NAME", "knn_topk", "memory_attention", "unsupported_reasons"]
+# --------------------------------------------------------------------------------------------
+# Backward (docs/DESIGN.md 3.4): the op-shaped launchers of ``_backward.py``
+# --------------------------------------------------------------------------------------------
+
+
+def _check_backward_args(name: str, d_out: Tensor, lse: Tensor, delta: Tensor) -> None:
+    for arg, t in (("d_out", d_out), ("lse", lse), ("delta", delta)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"triton {name}: {arg} must be float32 (got {t.dtype})")
+
+
+def flash_scan_backward(
+    query: Tensor, keys: Tensor, values: Tensor, d_out: Tensor, lse: Tensor, delta: Tensor,
+    mem_lengths: Tensor | None, mem_mask: Tensor | None, scale: float, causal_lq: int, need_dkv: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Fused backward of one flash part (the semantics of ``streaming.flash_scan_backward_torch``):
+    query [B, Hkv, N, D] stacked rows (non-finite rows zeroed), keys/values [B, Hkv, M, D], d_out
+    [B, Hkv, N, D], lse (merged, natural log) and delta [B, Hkv, N], all three float32 ->
+    (dq float32 [B, Hkv, N, D], dk, dv in the keys'/values' dtypes or empty when not need_dkv).
+    Two deterministic kernels (no atomics): dK/dV over key blocks, dQ over row blocks."""
+    from ._backward import _dense_bwd_dkdv_kernel, _dense_bwd_dq_kernel
+
+    _check_backward_args("flash_scan_backward", d_out, lse, delta)
+    batch, heads, n_rows, head_dim = query.shape
+    num_keys = keys.shape[2]
+    device = query.device
+    dq = torch.empty(d_out.shape, dtype=torch.float32, device=device)
+    dk = torch.empty(keys.shape, dtype=keys.dtype, device=device) if need_dkv else keys.new_empty(0)
+    dv = torch.empty(values.shape, dtype=values.dtype, device=device) if need_dkv else values.new_empty(0)
+    if batch * heads == 0:
+        return dq, dk, dv
+    q, k, v, g = (_last_dim_contiguous(t) for t in (query, keys, values, d_out))
+    lse, delta = lse.contiguous(), delta.contiguous()
+    lengths, mask, smask_b, smask_m = _validity_args(k, mem_lengths, mem_mask)
+    bd = C.block_d(head_dim)
+    fp32 = not (q.dtype == k.dtype == v.dtype and q.dtype in _LOW)
+    args = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        g.stride(0), g.stride(1), g.stride(2),
+        smask_b, smask_m,
+        heads, num_keys, head_dim, n_rows, int(causal_lq), float(scale) * _LOG2E, _LOG2E, float(scale),
+    )  # fmt: skip
+    flags = dict(CAUSAL=causal_lq > 0, HAS_LEN=mem_lengths is not None, HAS_MASK=mem_mask is not None,
+                 DOT_FP32=fp32, INTERPRET=_interpret(),
+                 OFF64=_needs_off64(num_keys, k.stride(2), v.stride(2), smask_m))  # fmt: skip
+    if n_rows > 0:
+        cfg = C.bwd_dq_config(bd, fp32)
+        _dense_bwd_dq_kernel[(math.ceil(n_rows / cfg.BM), batch * heads)](
+            q, k, v, g, lse, delta, lengths, mask, dq, *args, BM=cfg.BM, BN=cfg.BN, BD=bd, DC=cfg.DC, **flags,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=C.MAXNREG,
+        )  # fmt: skip
+    if need_dkv and num_keys > 0:
+        cfg = C.bwd_dkdv_config(bd, fp32)
+        _dense_bwd_dkdv_kernel[(math.ceil(num_keys / cfg.BN), batch * heads)](
+            q, k, v, g, lse, delta, lengths, mask, dk, dv, *args, BM=cfg.BM, BN=cfg.BN, BD=bd, DC=cfg.DC, **flags,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=C.MAXNREG,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+def gather_attention_backward(
+    query: Tensor, indices: Tensor, mem_keys: Tensor, mem_values: Tensor, d_out: Tensor, lse: Tensor,
+    delta: Tensor, scale: float, need_dkv: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Fused backward of the kNN part (the semantics of ``streaming.gather_attention_backward_torch``)
+    over the forward's selection indices [B, Hkv, N, k] (-1 padding): dQ per row block with the
+    exact fp32 re-score; dK/dV by a deterministic scatter (a stable sort of the selected slot ids,
+    then one lane per selected slot sums its contributions in row order): no atomics, the same bits
+    on every run, O(N k) work and memory besides the zero-initialised gradients."""
+    from ._backward import _knn_bwd_dq_kernel, _knn_bwd_scatter_kernel
+
+    _check_backward_args("gather_attention_backward", d_out, lse, delta)
+    batch, heads, n_rows, k_sel = indices.shape
+    num_slots, head_dim = mem_keys.shape[2], mem_keys.shape[3]
+    device = query.device
+    dq = torch.empty(d_out.shape, dtype=torch.float32, device=device)
+    if need_dkv:
+        dk = torch.zeros(mem_keys.shape, dtype=mem_keys.dtype, device=device)
+        dv = torch.zeros(mem_values.shape, dtype=mem_values.dtype, device=device)
+    else:
+        dk, dv = mem_keys.new_empty(0), mem_values.new_empty(0)
+    if batch * heads * n_rows == 0:
+        return dq, dk, dv
+    q, g = _last_dim_contiguous(query), _last_dim_contiguous(d_out)
+    mk, mv = _last_dim_contiguous(mem_keys), _last_dim_contiguous(mem_values)
+    idx = indices.contiguous()
+    lse, delta = lse.contiguous(), delta.contiguous()
+    bd = C.block_d(head_dim)
+    scatter = need_dkv and num_slots > 0 and k_sel > 0
+    pbuf = torch.empty(idx.shape, dtype=torch.float32, device=device) if scatter else _dummy(device)
+    dsbuf = torch.empty(idx.shape, dtype=torch.float32, device=device) if scatter else _dummy(device)
+    cfg = C.knn_bwd_dq_config(bd)
+    _knn_bwd_dq_kernel[(math.ceil(n_rows / cfg.BM), batch * heads)](
+        q, idx, mk, mv, g, lse, delta, dq, pbuf, dsbuf,
+        q.stride(0), q.stride(1), q.stride(2),
+        mk.stride(0), mk.stride(1), mk.stride(2),
+        mv.stride(0), mv.stride(1), mv.stride(2),
+        g.stride(0), g.stride(1), g.stride(2),
+        heads, num_slots, head_dim, n_rows, k_sel, float(scale) * _LOG2E, _LOG2E, float(scale),
+        BM=cfg.BM, BD=bd, NEED_DKV=scatter, OFF64=_needs_off64(num_slots, mk.stride(2), mv.stride(2)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=C.MAXNREG,
+    )  # fmt: skip
+    if not scatter:
+        return dq, dk, dv
+    # deterministic scatter: stable sort of the (b, h)-flattened slot ids; padding (and any index
+    # outside [0, M)) sorts last under the sentinel B * Hkv * M and starts no run
+    sentinel = batch * heads * num_slots
+    base = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1) * num_slots
+    ids = torch.where((idx >= 0) & (idx < num_slots), idx + base, sentinel).flatten()
+    sorted_ids, order = torch.sort(ids, stable=True)
+    n_entries = ids.numel()
+    pos = torch.arange(n_entries, device=device)
+    start = torch.ones(n_entries, dtype=torch.bool, device=device)
+    start[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    start_pos = torch.where(start, pos, n_entries)
+    # next run start after each position: a suffix minimum (no host synchronisation)
+    following = torch.cat([start_pos[1:], start_pos.new_full((1,), n_entries)])
+    next_start = following.flip(0).cummin(0).values.flip(0)
+    run = torch.where(start & (sorted_ids < sentinel), next_start - pos, 0).to(torch.int32)
+    scfg = C.knn_bwd_scatter_config(bd)
+    _knn_bwd_scatter_kernel[(math.ceil(n_entries / scfg.BM),)](
+        q, g, pbuf, dsbuf, order, sorted_ids, run, dk, dv,
+        n_entries, k_sel, n_rows, head_dim, float(scale),
+        q.stride(0), q.stride(1), q.stride(2), g.stride(0), g.stride(1), g.stride(2), heads,
+        BS=scfg.BM, BD=bd, num_warps=scfg.num_warps, num_stages=scfg.num_stages, maxnreg=C.MAXNREG,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _row_dtype(query: Tensor, *operands: Tensor) -> torch.dtype:
+    """The backward kernels take the stacked query rows in the query's own dtype (converted per tile)."""
+    return query.dtype
+
+
+@functools.cache
+def _grad_kernels() -> streaming.Kernels:
+    grad_ops = SimpleNamespace(flash_scan_backward=flash_scan_backward,
+                               gather_attention_backward=gather_attention_backward)  # fmt: skip
+    return streaming.Kernels(None, _row_dtype, grad_ops)
+
+
+__all__ = [
+    "NAME", "flash_scan_backward", "gather_attention_backward", "knn_topk", "memory_attention",
+    "unsupported_reasons",
+]

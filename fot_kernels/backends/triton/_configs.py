@@ -124,6 +124,62 @@ def shipped_attn_configs() -> list[tuple[int, int, int, bool]]:
             for fp32 in (False, True) if attn_unserved_reason(bd, fp32) is None]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class BwdConfig:
+    BM: int  # stacked query rows per tile (dK/dV kernel: per step of its row loop)
+    BN: int  # key slots per tile (dQ kernel: per step of its key loop)
+    DC: int  # head-dim chunk of the score products (== BD: the loop-invariant tiles stay in registers)
+    num_warps: int
+    num_stages: int
+
+
+def bwd_dkdv_config(bd: int, fp32: bool = False) -> BwdConfig:
+    """dK/dV kernel of the dense backward, from the sm_80/sm_90 compile table (no spills): BN keys
+    per program (their dK, dV fp32 accumulators stay in registers), BM rows per step of its loop."""
+    if fp32:  # 3xTF32 (hi/lo operand pairs): the score products run over head-dim chunks of 32
+        bn = 16 if bd > 64 else 32
+        return BwdConfig(BM=16, BN=bn, DC=min(bd, 32), num_warps=8, num_stages=1)
+    if bd <= 32:
+        return BwdConfig(BM=32, BN=64, DC=bd, num_warps=4, num_stages=2)
+    if bd <= 64:
+        return BwdConfig(BM=64, BN=32, DC=bd, num_warps=8, num_stages=2)
+    if bd <= 128:
+        return BwdConfig(BM=32, BN=32, DC=bd, num_warps=8, num_stages=2)
+    return BwdConfig(BM=16, BN=16, DC=32, num_warps=8, num_stages=1)  # BD 256: score products in chunks
+
+
+def bwd_dq_config(bd: int, fp32: bool = False) -> BwdConfig:
+    """dQ kernel of the dense backward (compile table, no spills): BM rows per program (their dQ
+    fp32 accumulator stays in registers), BN keys per step of its loop."""
+    if fp32:
+        bn = 16 if bd > 64 else 32
+        return BwdConfig(BM=16, BN=bn, DC=min(bd, 32), num_warps=8, num_stages=1)
+    if bd <= 32:
+        return BwdConfig(BM=64, BN=32, DC=bd, num_warps=4, num_stages=2)
+    if bd <= 64:
+        return BwdConfig(BM=32, BN=32, DC=bd, num_warps=4, num_stages=2)
+    if bd <= 128:
+        return BwdConfig(BM=32, BN=32, DC=bd, num_warps=8, num_stages=2)
+    return BwdConfig(BM=32, BN=16, DC=bd, num_warps=8, num_stages=1)
+
+
+#: kNN backward: rows per program of the dQ kernel (one [BM, BD] key and value gather per candidate,
+#: with [BM, BD] 64-bit pointer tiles: about 8 elements of a tile per thread fit without spills)
+def knn_bwd_dq_config(bd: int) -> BwdConfig:
+    return BwdConfig(BM=min(64, 2048 // bd), BN=1, DC=bd, num_warps=8, num_stages=1)
+
+
+#: kNN backward: sorted positions per program of the deterministic dK/dV scatter
+def knn_bwd_scatter_config(bd: int) -> BwdConfig:
+    return BwdConfig(BM=min(64, 2048 // bd), BN=1, DC=bd, num_warps=8, num_stages=1)
+
+
+def shipped_bwd_configs() -> list[tuple[int, bool]]:
+    """(bd, fp32) combinations that cover every backward configuration the launchers can pick."""
+    return [(bd, fp32) for bd in (16, 32, 64, 128, 256) for fp32 in (False, True)
+            if attn_unserved_reason(bd, fp32) is None]  # fmt: skip
+
+
 def attn_unserved_reason(head_dim: int, fp32: bool) -> str | None:
     """Attention combinations whose tiles do not fit on chip without spilling."""
     if fp32 and block_d(head_dim) > 128:
