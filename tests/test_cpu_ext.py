@@ -4,12 +4,16 @@ code."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import fot_kernels as fk
 from fot_kernels import _library, testing
-from fot_kernels.backends import _cpu_ext, reference
+from fot_kernels.backends import _cpu_ext, reference, streaming
+
+from _inputs import make_case
 
 if not _cpu_ext.load():
     pytest.skip(f"C++ CPU extension unavailable: {_cpu_ext.unavailable_reason()}", allow_module_level=True)
@@ -691,7 +695,364 @@ def test_opcheck(gen):
 def test_registration():
     # One namespace: the C++ library registers CPU kernels for the schemas of fot_kernels._library
     # (no schema of its own besides the utility op cpu_simd_level).
-    for name in ("knn_scan", "flash_scan", "gather_attention"):
+    for name in _library.SCHEMAS:  # the backward ops included
         assert _library.has_kernel(name, "CPU")
     assert not hasattr(torch.ops, "fot_cpu") or not hasattr(torch.ops.fot_cpu, "knn_scan")
     assert torch.ops.fot.cpu_simd_level() in (0, 512)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward ops: fot::flash_scan_backward, fot::gather_attention_backward
+#
+# The op computes the gradients of L = sum(dO * out) + sum(dlse * lse) of ONE part w.r.t. the query
+# rows, the keys and the values, given delta = rowsum(dO * out) - dlse (here the part is the whole
+# softmax, so its lse is the merged one). The float64 oracle is torch autograd of the dense softmax
+# over the candidates; the float32 one (same code) sets the tolerance (flash-attention rule).
+
+
+def grad_inputs(out, lse, gen):
+    """d_out, d_lse and delta of the backward contract: d_out and delta zeroed on rows whose lse is
+    -inf (the caller's guarantee)."""
+    dead = lse == NEG_INF
+    d_out = torch.randn(out.shape, generator=gen).masked_fill(dead[..., None], 0.0)
+    d_lse = torch.randn(lse.shape, generator=gen).masked_fill(dead, 0.0)
+    delta = ((d_out * out).sum(-1) - d_lse).masked_fill(dead, 0.0)
+    return d_out, d_lse, delta
+
+
+def softmax_part(q, k, v, cand, scale):
+    """Differentiable (out, lse) of the softmax over the candidates cand [B, H, N, M] (rows without
+    one: out 0, lse -inf)."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    alive = cand.any(-1)
+    s = s.masked_fill(~cand, NEG_INF).masked_fill(~alive[..., None], 0.0)
+    lse = torch.logsumexp(s, -1)
+    out = torch.exp(s - lse[..., None]) @ v
+    return out.masked_fill(~alive[..., None], 0.0), lse.masked_fill(~alive, NEG_INF)
+
+
+def autograd_grads(query, keys, values, cand, scale, d_out, d_lse, dtype, *, gather_idx=None):
+    """(dq, dk, dv) in `dtype` arithmetic, dk / dv rounded to the memory dtypes. Keys with a non-finite
+    element and unread slots enter as zeros (no gradient). gather_idx [B, H, N, k]: the kNN part,
+    scores of the selected slots only (cand [B, H, N, k])."""
+    leaves = [query.to(dtype).requires_grad_(), keys.to(dtype).requires_grad_(), values.to(dtype).requires_grad_()]
+    q, k, v = leaves
+    ok = finite_keys(keys)[..., None]
+    k = torch.where(ok, k, 0.0)
+    v = torch.where(ok, v, 0.0)
+    if gather_idx is None:
+        out, lse = softmax_part(q, k, v, cand, scale)
+    else:
+        B, H, N, kk = gather_idx.shape
+        at = gather_idx.clamp_min(0).reshape(B, H, N * kk, 1).expand(-1, -1, -1, q.shape[-1])
+        k_sel = k.gather(2, at).view(B, H, N, kk, -1)
+        v_sel = v.gather(2, at).view(B, H, N, kk, -1)
+        s = (k_sel @ q[..., None]).squeeze(-1) * scale
+        alive = cand.any(-1)
+        s = s.masked_fill(~cand, NEG_INF).masked_fill(~alive[..., None], 0.0)
+        lse = torch.logsumexp(s, -1)
+        out = (torch.exp(s - lse[..., None])[..., None] * v_sel).sum(-2).masked_fill(~alive[..., None], 0.0)
+        lse = lse.masked_fill(~alive, NEG_INF)
+    loss = (out * d_out.to(dtype)).sum() + (lse.masked_fill(lse == NEG_INF, 0.0) * d_lse.to(dtype)).sum()
+    dq, dk, dv = torch.autograd.grad(loss, leaves)
+    return dq, dk.to(keys.dtype), dv.to(values.dtype)
+
+
+def flash_candidates(query, keys, valid, causal_lq):
+    _, keep = kept_scores(query, keys)
+    N, M = keep.shape[2:]
+    cand = keep & valid[:, None, None, :]
+    if causal_lq:
+        cand &= torch.arange(M)[None, :] <= (torch.arange(N) % causal_lq)[:, None] + M - causal_lq
+    return cand
+
+
+def check_grads(got, query, keys, values, cand, scale, d_out, d_lse, **kw):
+    hi = autograd_grads(query, keys, values, cand, scale, d_out, d_lse, torch.float64, **kw)
+    lo = autograd_grads(query, keys, values, cand, scale, d_out, d_lse, torch.float32, **kw)
+    for name, g, g_hi, g_lo in zip(("dq", "dk", "dv"), got, hi, lo):
+        assert g.dtype == g_lo.dtype and g.shape == g_hi.shape, name
+        testing.assert_close_to_reference(g, g_hi, g_lo, name)
+
+
+def check_same(got, want):
+    """The C++ op against the PyTorch version (same semantics, other summation order)."""
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert not torch.isnan(g).any(), name
+        tol = 1e-5 if g.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol, msg=name)
+
+
+def flash_backward_case(B, H, N, M, D, causal_lq, kdtype, vdtype, masked, gen, *, strided=False):
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, kdtype, strided=strided, gen=gen)
+    values = make_memory(B, H, M, D, vdtype, strided=strided, gen=gen)
+    lengths = torch.randint(M // 2, M + 1, (B,), generator=gen) if masked else None
+    mask = random_mask(B, M, gen) if masked else None
+    scale = D**-0.5
+    out, lse = ops.flash_scan(query, keys, values, lengths, mask, scale, causal_lq)
+    return query, keys, values, lengths, mask, scale, out, lse
+
+
+FLASH_BWD_CASES = [
+    # B, H, N, M, D, causal_lq, kdtype, vdtype, masked
+    (1, 1, 1, 1, 1, 0, torch.float32, torch.float32, False),
+    (2, 1, 17, 50, 1, 0, torch.float32, torch.float32, True),  # D = 1
+    (2, 2, 37, 300, 100, 0, torch.float32, torch.float32, True),  # D = 100, lengths + mask, several row tiles
+    (1, 2, 60, 200, 128, 20, torch.bfloat16, torch.float16, False),  # causal, Lq < Lk, G = 3
+    (1, 1, 100, 40, 64, 50, torch.float32, torch.float32, False),  # causal, Lq > Lk: rows that see nothing
+    (1, 2, 130, 130, 32, 130, torch.float32, torch.float32, False),  # square causal, 2 row blocks
+    (1, 1, 30, 260, 256, 0, torch.float16, torch.bfloat16, True),  # D = 256
+    (1, 1, 20, 2500, 16, 0, torch.float32, torch.float32, True),  # memory splits (dq partials merged)
+]
+
+
+@pytest.mark.parametrize("B,H,N,M,D,causal_lq,kdtype,vdtype,masked", FLASH_BWD_CASES)
+def test_flash_scan_backward(B, H, N, M, D, causal_lq, kdtype, vdtype, masked, gen):
+    query, keys, values, lengths, mask, scale, out, lse = flash_backward_case(
+        B, H, N, M, D, causal_lq, kdtype, vdtype, masked, gen, strided=masked
+    )
+    d_out, d_lse, delta = grad_inputs(out, lse, gen)
+    args = (query, keys, values, d_out, lse, delta, lengths, mask, scale, causal_lq)
+    got = ops.flash_scan_backward(*args, True)
+    assert got[0].dtype == torch.float32 and got[1].dtype == kdtype and got[2].dtype == vdtype
+    check_same(got, streaming.flash_scan_backward_torch(*args, True))
+    cand = flash_candidates(query, keys, validity(B, M, lengths, mask), causal_lq)
+    check_grads(got, query, keys, values, cand, scale, d_out, d_lse)
+    dq, dk, dv = ops.flash_scan_backward(*args, False)  # need_dkv=False: the same dq, no dk / dv
+    assert torch.equal(dq, got[0]) and dk.numel() == 0 and dv.numel() == 0
+
+
+@pytest.mark.parametrize("causal_lq", [0, 8])
+def test_flash_scan_backward_nonfinite(causal_lq, gen):
+    # Keys with NaN / inf elements (their NaN / inf values never read), a key whose score overflows
+    # to +-inf for rows with q[0] = +-2 (dropped), a NaN query row (zeroed by the caller, lse -inf),
+    # a batch row with every slot masked (lse -inf everywhere).
+    B, H, N, M, D = 2, 2, 48, 700, 16
+    keys, values = nonfinite_memory(B, H, M, D, torch.float32, gen)
+    query = nonfinite_queries(B, H, N, D, gen)
+    query[..., 0] = torch.tensor([2.0, -2.0, -1.0, 0.0]).repeat(N // 4)  # the overflowing key: +-inf, -3e38, 0
+    mask = random_mask(B, M, gen)
+    mask[1] = False
+    out, lse = ops.flash_scan(query, keys, values, None, mask, 0.25, causal_lq)
+    rows = query.masked_fill(~torch.isfinite(query).all(-1, keepdim=True), 0.0)
+    assert (lse[1] == NEG_INF).all() and lse[0, 0, N - 1] == NEG_INF
+    d_out, _, delta = grad_inputs(out, lse, gen)
+    args = (rows, keys, values, d_out, lse, delta, None, mask, 0.25, causal_lq, True)
+    got = ops.flash_scan_backward(*args)
+    check_same(got, streaming.flash_scan_backward_torch(*args))
+    dq, dk, dv = got
+    assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all() and (dq[0, 0, N - 1] == 0).all()
+    dropped = ~finite_keys(keys)
+    assert (dk[dropped] == 0).all() and (dv[dropped] == 0).all()
+
+
+def test_flash_scan_backward_lse_rows(gen):
+    # Rows whose (merged) lse is -inf get P = 0 whatever their scores: dq 0 and nothing to dk / dv;
+    # a finite lse above every score (another part dominated) scales P down.
+    B, H, N, M, D = 1, 1, 40, 100, 32
+    query, keys, values, _, _, scale, out, lse = flash_backward_case(B, H, N, M, D, 0, torch.float32,
+                                                                     torch.float32, False, gen)  # fmt: skip
+    lse = lse.clone()
+    lse[0, 0, ::3] = NEG_INF
+    lse[0, 0, 1::3] += 2.0
+    d_out, _, delta = grad_inputs(out, lse, gen)
+    args = (query, keys, values, d_out, lse, delta, None, None, scale, 0, True)
+    got = ops.flash_scan_backward(*args)
+    check_same(got, streaming.flash_scan_backward_torch(*args))
+    assert (got[0][0, 0, ::3] == 0).all()
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[::3] = False
+    rest = ops.flash_scan_backward(query[:, :, keep], keys, values, d_out[:, :, keep], lse[:, :, keep],
+                                   delta[:, :, keep], None, None, scale, 0, True)  # fmt: skip
+    torch.testing.assert_close(got[1], rest[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[2], rest[2], atol=1e-6, rtol=1e-5)
+
+
+def random_selection(B, H, N, M, k, gen, *, pad=0.1):
+    """Indices [B, H, N, k]: k distinct slots per row (many rows share slots when M is small), a
+    fraction of -1 padding at the tail."""
+    idx = torch.rand(B, H, N, M, generator=gen).argsort(-1)[..., :k]
+    pads = torch.rand(B, H, N, k, generator=gen) < pad
+    return idx.masked_fill(pads.cumsum(-1) > 0, -1)
+
+
+def gather_backward_case(B, H, N, M, D, k, kdtype, vdtype, gen, *, idx=None, strided=False):
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = make_memory(B, H, M, D, kdtype, strided=strided, gen=gen)
+    values = make_memory(B, H, M, D, vdtype, strided=strided, gen=gen)
+    scale = D**-0.5
+    if idx is None:
+        scores, idx = ops.knn_scan(query, keys, None, None, k)
+    else:  # the forward's scores of a given selection
+        scores = ref_scores(query, keys).float()
+        scores = scores.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, NEG_INF)
+    out, lse = ops.gather_attention(scores, idx, values, scale)
+    return query, keys, values, idx, scale, out, lse
+
+
+GATHER_BWD_CASES = [
+    # B, H, N, M, D, k, kdtype, vdtype, selection
+    (1, 1, 1, 1, 1, 1, torch.float32, torch.float32, "knn"),
+    (2, 2, 37, 300, 100, 32, torch.float32, torch.float32, "knn"),  # D = 100
+    (1, 2, 50, 80, 128, 16, torch.bfloat16, torch.float16, "knn"),
+    (1, 1, 20, 60, 256, 7, torch.float16, torch.bfloat16, "random"),  # D = 256, padding
+    (2, 1, 200, 10, 8, 8, torch.float32, torch.float32, "random"),  # heavy sharing: every slot in ~150 rows
+    (1, 2, 300, 6, 1, 5, torch.bfloat16, torch.bfloat16, "random"),  # D = 1, heavy sharing
+]
+
+
+@pytest.mark.parametrize("B,H,N,M,D,k,kdtype,vdtype,selection", GATHER_BWD_CASES)
+def test_gather_attention_backward(B, H, N, M, D, k, kdtype, vdtype, selection, gen):
+    idx = random_selection(B, H, N, M, k, gen) if selection == "random" else None
+    query, keys, values, idx, scale, out, lse = gather_backward_case(B, H, N, M, D, k, kdtype, vdtype, gen, idx=idx,
+                                                                     strided=selection == "random")  # fmt: skip
+    d_out, d_lse, delta = grad_inputs(out, lse, gen)
+    args = (query, idx, keys, values, d_out, lse, delta, scale)
+    got = ops.gather_attention_backward(*args, True)
+    assert got[0].dtype == torch.float32 and got[1].dtype == kdtype and got[2].dtype == vdtype
+    check_same(got, streaming.gather_attention_backward_torch(*args, True))
+    check_grads(got, query, keys, values, idx >= 0, scale, d_out, d_lse, gather_idx=idx)
+    dq, dk, dv = ops.gather_attention_backward(*args, False)
+    assert torch.equal(dq, got[0]) and dk.numel() == 0 and dv.numel() == 0
+
+
+def test_gather_attention_backward_duplicates_and_nonfinite(gen):
+    # A slot repeated within a row counts once per entry (as in the forward); a selected key with a
+    # non-finite element scores non-finite: dropped (P = 0, its row never read: no NaN reaches dq);
+    # rows with lse -inf get nothing.
+    B, H, N, M, D, k = 1, 2, 30, 40, 16, 6
+    idx = random_selection(B, H, N, M, k, gen, pad=0.0)
+    idx[0, 0, 3, 1] = idx[0, 0, 3, 0]
+    idx[0, 1, 5, 2:4] = idx[0, 1, 5, 4]
+    query, keys, values, idx, scale, out, lse = gather_backward_case(B, H, N, M, D, k, torch.float32, torch.float32,
+                                                                     gen, idx=idx)  # fmt: skip
+    d_out, d_lse, delta = grad_inputs(out, lse, gen)
+    args = (query, idx, keys, values, d_out, lse, delta, scale, True)
+    got = ops.gather_attention_backward(*args)
+    check_same(got, streaming.gather_attention_backward_torch(*args))
+    check_grads(got, query, keys, values, idx >= 0, scale, d_out, d_lse, gather_idx=idx)
+    # non-finite keys at selected slots, and dead rows
+    bad = idx[0, 0, 7, 2].item()
+    keys2 = keys.clone()
+    keys2[0, 0, bad, 3] = NAN
+    values2 = values.clone()
+    values2[0, 0, bad] = INF
+    lse2 = lse.clone()
+    lse2[0, 1, ::4] = NEG_INF
+    d_out2 = d_out.masked_fill((lse2 == NEG_INF)[..., None], 0.0)
+    delta2 = delta.masked_fill(lse2 == NEG_INF, 0.0)
+    got = ops.gather_attention_backward(query, idx, keys2, values2, d_out2, lse2, delta2, scale, True)
+    assert not any(torch.isnan(g).any() for g in got)
+    # the same as if the bad slot had not been selected (its entries are exactly 0)
+    idx3 = idx.clone()
+    idx3[0, 0][idx3[0, 0] == bad] = -1
+    want = streaming.gather_attention_backward_torch(query, idx3, keys, values, d_out2, lse2, delta2, scale, True)
+    check_same(got, want)
+    assert (got[1][0, 0, bad] == 0).all() and (got[2][0, 0, bad] == 0).all() and (got[0][0, 1, ::4] == 0).all()
+
+
+def test_backward_empty_and_bad_inputs(gen):
+    q = torch.randn(1, 2, 5, 8, generator=gen)
+    mem = torch.randn(1, 2, 10, 8, generator=gen)
+    lse, delta, d_out = torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.randn(1, 2, 5, 8, generator=gen)
+    idx = torch.zeros(1, 2, 5, 3, dtype=torch.long)
+    # empty memory, no rows
+    empty = mem[:, :, :0]
+    dq, dk, dv = ops.flash_scan_backward(q, empty, empty, d_out, lse, delta, None, None, 1.0, 0, True)
+    assert (dq == 0).all() and dk.shape == (1, 2, 0, 8) and dv.shape == (1, 2, 0, 8)
+    dq, dk, dv = ops.gather_attention_backward(q, idx.fill_(-1), empty, empty, d_out, lse, delta, 1.0, True)
+    assert (dq == 0).all() and dk.shape == (1, 2, 0, 8)
+    q0, d0, l0, i0 = q[:, :, :0], d_out[:, :, :0], lse[:, :, :0], idx[:, :, :0]
+    dq, dk, dv = ops.flash_scan_backward(q0, mem, mem, d0, l0, l0, None, None, 1.0, 0, True)
+    assert dq.shape == (1, 2, 0, 8) and (dk == 0).all() and (dv == 0).all()
+    dq, dk, dv = ops.gather_attention_backward(q0, i0, mem, mem, d0, l0, l0, 1.0, True)
+    assert dq.shape == (1, 2, 0, 8) and (dk == 0).all() and (dv == 0).all()
+    # messages name the argument
+    fb, gb = ops.flash_scan_backward, ops.gather_attention_backward
+    with pytest.raises(RuntimeError, match="d_out"):
+        fb(q, mem, mem, d_out[:, :, :4], lse, delta, None, None, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="lse"):
+        fb(q, mem, mem, d_out, lse.double(), delta, None, None, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="delta"):
+        fb(q, mem, mem, d_out, lse, delta[..., :2], None, None, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="values"):
+        fb(q, mem, mem[:, :, :9], d_out, lse, delta, None, None, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="keys"):
+        fb(q, mem[..., :4], mem, d_out, lse, delta, None, None, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="causal_lq"):
+        fb(q, mem, mem, d_out, lse, delta, None, None, 1.0, 3, True)
+    with pytest.raises(RuntimeError, match="mem_mask"):
+        fb(q, mem, mem, d_out, lse, delta, None, torch.ones(1, 9, dtype=torch.bool), 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="stride"):
+        fb(q, torch.randn(1, 2, 8, 10).transpose(-1, -2), mem, d_out, lse, delta, None, None, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="indices"):
+        gb(q, idx.fill_(10), mem, mem, d_out, lse, delta, 1.0, True)
+    with pytest.raises(RuntimeError, match="indices"):
+        gb(q, idx[..., :2, :], mem, mem, d_out, lse, delta, 1.0, True)
+    with pytest.raises(RuntimeError, match="mem_values"):
+        gb(q, idx.fill_(0), mem, mem.half()[:, :, :3], d_out, lse, delta, 1.0, True)
+    with pytest.raises(RuntimeError, match="query"):
+        gb(q.double(), idx, mem, mem, d_out, lse, delta, 1.0, True)
+
+
+@pytest.mark.parametrize("B,H,N,M", [(1, 1, 40, 3000), (1, 3, 70, 500), (2, 4, 9, 300)])
+def test_backward_results_do_not_depend_on_thread_count(B, H, N, M, gen):
+    # Fixed plan and fixed summation orders (dk / dv per key block over all rows; kNN slots in CSR
+    # order): bit-identical gradients on 1, 2 and 3 threads.
+    D, k = 32, 12
+    query = torch.randn(B, H, N, D, generator=gen)
+    keys = torch.randn(B, H, M, D, generator=gen).bfloat16()
+    values = torch.randn(B, H, M, D, generator=gen)
+    mask = random_mask(B, M, gen, p=0.9)
+    out, lse = ops.flash_scan(query, keys, values, None, mask, 0.1, 0)
+    d_out, _, delta = grad_inputs(out, lse, gen)
+    idx = random_selection(B, H, N, 20, k, gen)  # heavy sharing of 20 slots
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops.flash_scan_backward(query, keys, values, d_out, lse, delta, None, mask, 0.1, 0, True)
+                           + ops.gather_attention_backward(query, idx, keys, values, d_out, lse, delta, 0.1, True))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)
+
+
+def test_backward_opcheck(gen):
+    q = torch.randn(1, 2, 5, 16, generator=gen)
+    kv = torch.randn(1, 2, 40, 16, generator=gen).bfloat16()
+    lengths = torch.tensor([33])
+    mask = torch.rand(1, 40, generator=gen) < 0.8
+    out, lse = ops.flash_scan(q, kv, kv, lengths, mask, 0.5, 0)
+    d_out, _, delta = grad_inputs(out, lse, gen)
+    for need in (True, False):
+        torch.library.opcheck(ops.flash_scan_backward.default, (q, kv, kv, d_out, lse, delta, lengths, mask, 0.5, 0,
+                                                                need))  # fmt: skip
+        _, i = ops.knn_scan(q, kv, lengths, mask, 7)
+        torch.library.opcheck(ops.gather_attention_backward.default, (q, i, kv, kv, d_out, lse, delta, 0.5, need))
+
+
+@pytest.mark.parametrize("topk", [None, 8])
+def test_cpu_backend_gradients_run_the_cpp_backward(topk, monkeypatch):
+    # The cpu backend's gradients come from the C++ backward ops (the PyTorch ones would raise).
+    def refuse(*_, **__):
+        raise AssertionError("the PyTorch backward ran")
+
+    monkeypatch.setattr(streaming, "TORCH_GRAD_KERNELS", SimpleNamespace(flash_scan_backward=refuse,
+                                                                         gather_attention_backward=refuse))  # fmt: skip
+    case = make_case(1, 4, 2, 20, 20, 150, 32, lengths=True, mask=True)
+    leaves = [t.clone().requires_grad_() for t in (case.query, case.key, case.value, case.mem_keys, case.mem_values)]
+    grad_out = torch.randn_like(case.query)
+    call = lambda *xs, backend: fk.memory_attention(*xs, topk=topk, backend=backend, **case.memory_kwargs())  # noqa: E731
+    grads = torch.autograd.grad(call(*leaves, backend="cpu"), leaves, grad_out)
+    hi = [t.detach().double().requires_grad_() for t in leaves]
+    ref = torch.autograd.grad(call(*hi, backend="reference"), hi, grad_out.double())
+    lo = [t.detach().clone().requires_grad_() for t in leaves]
+    ref_lo = torch.autograd.grad(call(*lo, backend="reference"), lo, grad_out)
+    for name, g, g_hi, g_lo in zip(("query", "key", "value", "mem_keys", "mem_values"), grads, ref, ref_lo):
+        testing.assert_close_to_reference(g, g_hi, g_lo, f"d{name}")

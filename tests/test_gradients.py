@@ -1,6 +1,6 @@
 """Gradients of memory_attention (docs/DESIGN.md 3.4) on the CPU: the block-recomputing backward of
 ``fot_kernels.autograd`` behind the ``streaming`` and ``cpu`` backends (the cpu backend with its C++
-forward kernels and with the PyTorch fallback kernels), against the float64 reference's autograd,
+forward and backward kernels and with the PyTorch fallback kernels), against the float64 reference's autograd,
 with flash-attention's tolerance rule; plus gradcheck, the memory bound, determinism and dispatch."""
 
 import pytest

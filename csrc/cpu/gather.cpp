@@ -8,21 +8,6 @@
 namespace fot_cpu {
 namespace {
 
-// acc[0:D] += w * v[0:D]
-template <typename T>
-FOT_INLINE void axpy_row(float w, const T* v, float* acc, int64_t D) {
-#if FOT_AVX512
-  const __m512 vw = _mm512_set1_ps(w);
-  for (int64_t d0 = 0; d0 < D; d0 += 16) {
-    const __mmask16 dm = tail_mask16(D - d0);
-    const __m512 a = _mm512_maskz_loadu_ps(dm, acc + d0);
-    _mm512_mask_storeu_ps(acc + d0, dm, _mm512_fmadd_ps(vw, load16<T>(v + d0, dm), a));
-  }
-#else
-  for (int64_t d = 0; d < D; ++d) acc[d] += w * to_f32(v[d]);
-#endif
-}
-
 // Rows [begin, end) of the flattened [B * H * N] rows; sets bad_index when an index is >= M.
 template <typename T>
 void gather_rows(const float* scores, const int64_t* indices, const MemView& vv, int64_t H, int64_t N, int64_t M,

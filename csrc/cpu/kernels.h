@@ -20,4 +20,19 @@ void flash_scan_kernel(const at::Tensor& query, const MemView& keys, const MemVi
 bool gather_attention_kernel(const at::Tensor& scores, const at::Tensor& indices, const MemView& values, int64_t M,
                              float scale, at::Tensor& out, at::Tensor& lse);
 
+// FlashAttention-2 backward of flash_scan (query rows float32, d_out [B, Hkv, N, D], lse / delta
+// [B, Hkv, N] float32, contiguous) -> dq [B, Hkv, N, D] float32 and, when dk / dv are given,
+// dk / dv [B, Hkv, M, D] contiguous in the keys' / values' dtypes (every element written).
+void flash_scan_backward_kernel(const at::Tensor& query, const MemView& keys, const MemView& values,
+                                const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
+                                const Validity& val, float scale, int64_t causal_lq, at::Tensor& dq, at::Tensor* dk,
+                                at::Tensor* dv);
+
+// Backward of gather_attention over the selection indices [B, Hkv, N, k] (same tensors as
+// flash_scan_backward_kernel). Returns false when an index is >= M (the caller raises).
+bool gather_attention_backward_kernel(const at::Tensor& query, const at::Tensor& indices, const MemView& keys,
+                                      const MemView& values, const at::Tensor& d_out, const at::Tensor& lse,
+                                      const at::Tensor& delta, int64_t M, float scale, at::Tensor& dq,
+                                      at::Tensor* dk, at::Tensor* dv);
+
 }  // namespace fot_cpu

@@ -4,6 +4,10 @@
 //   fot::knn_scan(query, mem_keys, mem_lengths?, mem_mask?, k) -> (scores, indices)
 //   fot::flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq) -> (out, lse)
 //   fot::gather_attention(scores, indices, values, scale) -> (out, lse)
+//   fot::flash_scan_backward(query, keys, values, d_out, lse, delta, mem_lengths?, mem_mask?, scale, causal_lq,
+//                            need_dkv) -> (dq, dk, dv)
+//   fot::gather_attention_backward(query, indices, mem_keys, mem_values, d_out, lse, delta, scale, need_dkv)
+//                                  -> (dq, dk, dv)
 //   fot::cpu_simd_level() -> int: 512 when the AVX-512 kernels were compiled in, 0 for the portable build
 //
 // Layout: query [B, Hkv, N, D] float32 (N = G * Lq stacked query heads); memory [B, Hkv, M, D] in
@@ -13,6 +17,10 @@
 
 #include <cstdlib>
 #include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "kernels.h"
 
@@ -31,8 +39,20 @@ namespace {
 
 // An output of an op. With FOT_KERNELS_CPU_POISON=1 (the tests) it is filled with NaN (floating
 // point) or -7777 (integers) before the kernels run, so that an element they forget to write fails.
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// huge: a large output written once in full (the dk / dv of the memory): its pages are requested as
+// transparent huge pages before the first touch (Linux, THP mode "madvise"; a hint, ignored where
+// unsupported): one fault per 2 MiB instead of 512, the first-touch cost of a fresh gradient of the
+// whole memory (a third of the kNN backward at M=16k) drops about 4x.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge = false) {
   at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (huge && t.nbytes() >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + t.nbytes()) & ~(kHuge - 1);
+    if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
   const char* poison = std::getenv("FOT_KERNELS_CPU_POISON");
   if (poison != nullptr && poison[0] == '1') {
     if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -150,12 +170,106 @@ std::tuple<at::Tensor, at::Tensor> gather_attention(const at::Tensor& scores_in,
   return {out, lse};
 }
 
+// The backward ops' row tensors: d_out [B, H, N, D], lse and delta [B, H, N], float32 on the CPU.
+void check_grad_rows(const at::Tensor& query, const at::Tensor& d_out, const at::Tensor& lse,
+                     const at::Tensor& delta) {
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3);
+  CHECK_CPU(d_out);
+  CHECK_CPU(lse);
+  CHECK_CPU(delta);
+  CHECK_SHAPE(d_out, B, H, N, D);
+  CHECK_SHAPE(lse, B, H, N);
+  CHECK_SHAPE(delta, B, H, N);
+  TORCH_CHECK(d_out.scalar_type() == at::kFloat, "d_out must be float32, got ", d_out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(delta.scalar_type() == at::kFloat, "delta must be float32, got ", delta.scalar_type());
+}
+
+// dk / dv of a backward op: the memory's shape and dtype (contiguous), or empty without need_dkv.
+at::Tensor new_grad(const at::Tensor& like, bool need) {
+  if (!need) return at::empty({0}, like.options());
+  return new_output(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous), /*huge=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_scan_backward(
+    const at::Tensor& query_in, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& d_out_in,
+    const at::Tensor& lse_in, const at::Tensor& delta_in, const c10::optional<at::Tensor>& mem_lengths,
+    const c10::optional<at::Tensor>& mem_mask, double scale, int64_t causal_lq, bool need_dkv) {
+  check_query_mem(query_in, keys, "keys");
+  check_query_mem(query_in, values, "values");
+  TORCH_CHECK(values.size(2) == keys.size(2), "values must have the same number of slots as keys: keys ",
+              keys.sizes(), ", values ", values.sizes());
+  TORCH_CHECK(causal_lq >= 0, "causal_lq must be >= 0, got ", causal_lq);
+  check_grad_rows(query_in, d_out_in, lse_in, delta_in);
+  const at::Tensor query = query_in.contiguous();
+  const at::Tensor d_out = d_out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor delta = delta_in.contiguous();
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3);
+  if (causal_lq > 0)
+    TORCH_CHECK(N % causal_lq == 0, "query rows N=", N, " must be a multiple of causal_lq=", causal_lq);
+  at::Tensor lengths_keep;
+  const Validity val = make_validity(mem_lengths, mem_mask, B, keys.size(2), lengths_keep);
+  at::Tensor dq = new_output({B, H, N, D}, query.options());
+  at::Tensor dk = new_grad(keys, need_dkv);
+  at::Tensor dv = new_grad(values, need_dkv);
+  if (B * H * N == 0 || keys.size(2) == 0) {  // nothing attended: zero gradients
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  flash_scan_backward_kernel(query, make_view(keys), make_view(values), d_out, lse, delta, val, (float)scale,
+                             causal_lq, dq, need_dkv ? &dk : nullptr, need_dkv ? &dv : nullptr);
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_attention_backward(
+    const at::Tensor& query_in, const at::Tensor& indices_in, const at::Tensor& mem_keys,
+    const at::Tensor& mem_values, const at::Tensor& d_out_in, const at::Tensor& lse_in, const at::Tensor& delta_in,
+    double scale, bool need_dkv) {
+  check_query_mem(query_in, mem_keys, "mem_keys");
+  check_query_mem(query_in, mem_values, "mem_values");
+  TORCH_CHECK(mem_values.size(2) == mem_keys.size(2),
+              "mem_values must have the same number of slots as mem_keys: mem_keys ", mem_keys.sizes(),
+              ", mem_values ", mem_values.sizes());
+  check_grad_rows(query_in, d_out_in, lse_in, delta_in);
+  CHECK_CPU(indices_in);
+  CHECK_DIM(indices_in, 4);
+  TORCH_CHECK(indices_in.scalar_type() == at::kLong, "indices must be int64, got ", indices_in.scalar_type());
+  const int64_t B = query_in.size(0), H = query_in.size(1), N = query_in.size(2), D = query_in.size(3);
+  TORCH_CHECK(indices_in.size(0) == B && indices_in.size(1) == H && indices_in.size(2) == N,
+              "indices must have shape [B, Hkv, N, k] matching query ", query_in.sizes(), ", got ",
+              indices_in.sizes());
+  const int64_t M = mem_keys.size(2);
+  TORCH_CHECK(M < (int64_t(1) << 62), "mem_keys: too many slots");
+  const at::Tensor query = query_in.contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  const at::Tensor d_out = d_out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor delta = delta_in.contiguous();
+  at::Tensor dq = new_output({B, H, N, D}, query.options());
+  at::Tensor dk = new_grad(mem_keys, need_dkv);
+  at::Tensor dv = new_grad(mem_values, need_dkv);
+  if (B * H * N == 0 || indices.size(3) == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const bool ok = gather_attention_backward_kernel(query, indices, make_view(mem_keys), make_view(mem_values), d_out,
+                                                   lse, delta, M, (float)scale, dq, need_dkv ? &dk : nullptr,
+                                                   need_dkv ? &dv : nullptr);
+  TORCH_CHECK(ok, "indices must be < M=", M, " (or -1 for padding)");
+  return {dq, dk, dv};
+}
+
 int64_t cpu_simd_level() { return FOT_AVX512 ? 512 : 0; }
 
 }  // namespace
 }  // namespace fot_cpu
 
-// The schemas of the three kernels are defined in Python (fot_kernels/_library.py); this library
+// The schemas of the kernels are defined in Python (fot_kernels/_library.py); this library
 // only adds their CPU implementations, and the utility op below.
 TORCH_LIBRARY_FRAGMENT(fot, m) {
   m.def("cpu_simd_level() -> int", &fot_cpu::cpu_simd_level);
@@ -165,4 +279,6 @@ TORCH_LIBRARY_IMPL(fot, CPU, m) {
   m.impl("knn_scan", &fot_cpu::knn_scan);
   m.impl("flash_scan", &fot_cpu::flash_scan);
   m.impl("gather_attention", &fot_cpu::gather_attention);
+  m.impl("flash_scan_backward", &fot_cpu::flash_scan_backward);
+  m.impl("gather_attention_backward", &fot_cpu::gather_attention_backward);
 }

@@ -93,6 +93,38 @@ FOT_INLINE __m512 exp512(__m512 x) {
 }
 #endif
 
+// acc[0:D] += w * v[0:D]
+template <typename T>
+FOT_INLINE void axpy_row(float w, const T* v, float* acc, int64_t D) {
+#if FOT_AVX512
+  const __m512 vw = _mm512_set1_ps(w);
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const __mmask16 dm = tail_mask16(D - d0);
+    const __m512 a = _mm512_maskz_loadu_ps(dm, acc + d0);
+    _mm512_mask_storeu_ps(acc + d0, dm, _mm512_fmadd_ps(vw, load16<T>(v + d0, dm), a));
+  }
+#else
+  for (int64_t d = 0; d < D; ++d) acc[d] += w * to_f32(v[d]);
+#endif
+}
+
+// sum_d a[d] * b[d] (fp32 a, b converted), in a fixed order.
+template <typename T>
+FOT_INLINE float dot_row(const float* a, const T* b, int64_t D) {
+#if FOT_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const __mmask16 dm = tail_mask16(D - d0);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(dm, a + d0), load16<T>(b + d0, dm), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0.f;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * to_f32(b[d]);
+  return s;
+#endif
+}
+
 // While in scope: denormal results flush to zero and denormal inputs read as zero (MXCSR FTZ and
 // DAZ), as in oneDNN / MKL; the caller's mode is restored. Softmax weights far below the row max
 // would otherwise be denormal, and on Intel cores every FMA that produces or reads a denormal

@@ -14,6 +14,10 @@ float32/bfloat16/float16 with ``stride(-1) == 1``):
 - ``flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq)``
   ``-> (out [B,Hkv,N,D] f32, lse [B,Hkv,N] f32)``
 - ``gather_attention(scores, indices, values, scale) -> (out, lse)``
+- ``flash_scan_backward(...)`` and ``gather_attention_backward(...) -> (dq f32, dk, dv)``: the
+  FlashAttention-2 backward of the two memory parts (contract in ``fot_kernels._library``).
+  :func:`load` is True only when these are registered too, so the ``cpu`` backend runs its
+  gradients through them whenever the extension is in use.
 - ``cpu_simd_level() -> int`` (defined by the C++ library itself): 512 when the AVX-512 kernels were
   compiled in, 0 for the portable build.
 
@@ -35,9 +39,9 @@ from pathlib import Path
 
 __all__ = ["load", "source_dir", "unavailable_reason"]
 
-_SOURCES = ("ops.cpp", "knn.cpp", "flash.cpp", "gather.cpp", "topk.cpp")
+_SOURCES = ("ops.cpp", "knn.cpp", "flash.cpp", "gather.cpp", "topk.cpp", "flash_bwd.cpp", "gather_bwd.cpp")
 _HEADER_SUFFIXES = (".h", ".hpp")
-_OPS = ("knn_scan", "flash_scan", "gather_attention")
+_OPS = ("knn_scan", "flash_scan", "gather_attention", "flash_scan_backward", "gather_attention_backward")
 _lock = threading.Lock()
 _loaded: bool | None = None
 _reason: str | None = None
@@ -66,6 +70,18 @@ def _ops_present() -> bool:
     from .. import _library
 
     return all(_library.has_kernel(name, "CPU") for name in _OPS)
+
+
+def _missing_ops() -> list:
+    from .. import _library
+
+    return [name for name in _OPS if not _library.has_kernel(name, "CPU")]
+
+
+def _any_op_present() -> bool:
+    """True when a fot CPU library is loaded (a stale or partial one included): loading a second
+    would define ``fot::cpu_simd_level`` twice, which aborts the process."""
+    return len(_missing_ops()) < len(_OPS)
 
 
 def _headers_digest(src: Path) -> str:
@@ -124,12 +140,14 @@ def _try_load() -> tuple:
                 errors.append(f"{name}: {_truncate(msg)}")
             else:
                 errors.append(f"{name}: {type(exc).__name__}: {_truncate(msg)}")
-            if _ops_present():  # the library loaded but something after it failed
+            if _any_op_present():  # the library loaded but something after it failed
                 break
             continue
         if _ops_present():
             return True, None
-        errors.append(f"{name}: built but the fot ops have no CPU kernel")
+        errors.append(f"{name}: built but the fot ops have no CPU kernel: " + ", ".join(_missing_ops()))
+        if _any_op_present():  # a second library would register cpu_simd_level again (fatal)
+            break
     if _ops_present():
         return True, None
     return False, "C++ CPU extension could not be built:\n" + "\n".join(errors)

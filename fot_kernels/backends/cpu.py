@@ -9,8 +9,10 @@ micro-kernel around a vectorised online softmax. Where the extension cannot be b
 compiler), and for float64 inputs, the PyTorch kernels of ``backends.streaming`` serve instead,
 with the same semantics, slower. Gradients: when autograd records the call, the composition runs
 through ``fot_kernels.autograd`` (``streaming.memory_attention`` does so): the C++ forward kernels
-give out, lse and the kNN selection, and the block-recomputing PyTorch backward of
-``backends.streaming`` gives the gradients within the forward's memory bound (docs/DESIGN.md 3.4).
+give out, lse and the kNN selection, and the C++ backward kernels (``fot::flash_scan_backward``,
+``fot::gather_attention_backward``: FlashAttention-2 recomputation of P block by block, dk / dv
+summed in a fixed order, deterministic) give the gradients within the forward's memory bound
+(docs/DESIGN.md 3.4); the PyTorch fallback uses the PyTorch backward of ``backends.streaming``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def extension_status() -> str | None:
 def _kernels(*tensors: Tensor | None) -> streaming.Kernels:
     """The C++ kernels when they are built and serve these dtypes, else the PyTorch ones."""
     if all(t is None or t.dtype in _EXT_DTYPES for t in tensors) and _cpu_ext.load():
-        return streaming.Kernels(_library.ops(), _float32_rows)
+        ops = _library.ops()  # load() is True only with the backward ops registered too
+        return streaming.Kernels(ops, _float32_rows, grad_ops=ops)
     return streaming.TORCH_KERNELS
 
 
