@@ -212,6 +212,11 @@ def smem_plans() -> list[tuple[str, dict]]:
             plans = {dev: cuda_emu.plan("flash", rows=64, head_dim=d, tensor_cores=tc, smem_optin=lim)
                      for dev, lim in PLAN_LIMITS.items()}  # fmt: skip
             rows.append((f"flash_scan {path} D={d:3d}      ", plans))
+    for kernel in ("dq", "dkv"):  # the backward kernels stage fp32 tiles whatever the dtypes
+        for d in (64, 100, 128, 256):
+            plans = {dev: cuda_emu.plan(f"flash_bwd_{kernel}", rows=64, head_dim=d, tensor_cores=False, smem_optin=lim)
+                     for dev, lim in PLAN_LIMITS.items()}  # fmt: skip
+            rows.append((f"flash_bwd_{kernel:3} D={d:3d}      ", plans))
     return rows
 
 
@@ -244,7 +249,8 @@ def test_every_source_compiles_without_spills(kernels):
     assert {k.arch for k in kernels} == set(ARCHS), "ptxas reported no kernels for some arch"
     names = " ".join(k.name for k in kernels)
     for kernel in ("knn_scan_kernel", "knn_merge_kernel", "flash_scan_kernel", "flash_merge_kernel",
-                   "gather_attention_kernel"):  # fmt: skip
+                   "gather_attention_kernel", "flash_bwd_dq_kernel", "flash_bwd_dkv_kernel", "gather_bwd_dq_kernel",
+                   "gather_bwd_dkv_kernel"):  # fmt: skip
         assert kernel in names, f"{kernel} missing from the ptxas report"
     spills = [k for k in kernels if k.spill_stores or k.spill_loads]
     assert not spills, "register spills:\n" + format_table(spills)
@@ -300,8 +306,10 @@ def sass_counts(obj: Path, tool: str) -> dict[str, dict[str, int]]:
 
 
 def test_sass_uses_tensor_cores_and_no_local_memory(kernels):
-    """Tensor-core instantiations (`<fp16|bf16, true>`) must contain HMMA; no kernel may touch
-    local memory (LDL/STL: a register array indexed at run time, or spills)."""
+    """Tensor-core instantiations (`<fp16|bf16, true>`) of the forward kernels must contain HMMA
+    (the backward kernels' `true` means fp16/bf16 query rows, multiplied in fp32 on the CUDA
+    cores); no kernel may touch local memory (LDL/STL: a register array indexed at run time, or
+    spills)."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found")
@@ -311,7 +319,7 @@ def test_sass_uses_tensor_cores_and_no_local_memory(kernels):
             short = _demangle([name])[name]
             lines.append(f"{obj.stem:14} {short:40} " + " ".join(f"{k}={v}" for k, v in sorted(c.items())))
             assert not c.get("LDL") and not c.get("STL"), f"{short} ({obj.name}) uses local memory: {c}"
-            if "Lb1E" in name:
+            if "Lb1E" in name and "_bwd_" not in name:  # the backward kernels run on the CUDA cores
                 assert c.get("HMMA"), f"{short} ({obj.name}) has no HMMA: {c}"
     print("\n" + "\n".join(lines))
 

@@ -5,6 +5,10 @@
 //   fot::knn_scan(query, mem_keys, mem_lengths?, mem_mask?, k) -> (scores, indices)
 //   fot::flash_scan(query, keys, values, mem_lengths?, mem_mask?, scale, causal_lq) -> (out, lse)
 //   fot::gather_attention(scores, indices, values, scale) -> (out, lse)
+//   fot::flash_scan_backward(query, keys, values, d_out, lse, delta, mem_lengths?, mem_mask?, scale,
+//                            causal_lq, need_dkv) -> (dq, dk, dv)
+//   fot::gather_attention_backward(query, indices, mem_keys, mem_values, d_out, lse, delta, scale,
+//                                  need_dkv) -> (dq, dk, dv)
 //
 // Same semantics as the CPU kernels of those ops (csrc/cpu): query rows [B, Hkv, N, D]
 // (N = G * Lq stacked query heads of one kv head), memory [B, Hkv, M, D] with stride(-1) == 1 and
@@ -304,10 +308,162 @@ std::tuple<at::Tensor, at::Tensor> gather_attention(const at::Tensor& scores, co
   return {out, lse};
 }
 
+// ------------------------------------------------------------------------------- backward
+// d_out float32 [B, H, N, D], lse / delta float32 [B, H, N], on query's device (query: [B, H, N, D]).
+void check_grad_inputs(const at::Tensor& query, const at::Tensor& d_out, const at::Tensor& lse,
+                       const at::Tensor& delta) {
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3);
+  CHECK_SAME_DEVICE(d_out, query);
+  CHECK_SAME_DEVICE(lse, query);
+  CHECK_SAME_DEVICE(delta, query);
+  TORCH_CHECK(d_out.scalar_type() == at::kFloat, "d_out must be float32, got ", d_out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(delta.scalar_type() == at::kFloat, "delta must be float32, got ", delta.scalar_type());
+  CHECK_SHAPE(d_out, B, H, N, D);
+  CHECK_SHAPE(lse, B, H, N);
+  CHECK_SHAPE(delta, B, H, N);
+}
+
+// dk / dv: the memory's shape and dtype (contiguous), or empty when not needed.
+std::tuple<at::Tensor, at::Tensor> dkv_outputs(const at::Tensor& keys, const at::Tensor& values, bool need_dkv) {
+  if (!need_dkv) return {at::empty({0}, keys.options()), at::empty({0}, values.options())};
+  return {empty_output(keys.sizes(), keys.options()), empty_output(values.sizes(), values.options())};
+}
+
+void check_same_memory(const at::Tensor& keys, const at::Tensor& values, const char* keys_name,
+                       const char* values_name) {
+  TORCH_CHECK(values.sizes() == keys.sizes(), values_name, " must have the shape of ", keys_name, " ", keys.sizes(),
+              ", got ", values.sizes());
+  TORCH_CHECK(values.scalar_type() == keys.scalar_type(), values_name, " must have ", keys_name, "' dtype ",
+              keys.scalar_type(), ", got ", values.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_scan_backward(
+    const at::Tensor& query_in, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& d_out_in,
+    const at::Tensor& lse_in, const at::Tensor& delta_in, const c10::optional<at::Tensor>& mem_lengths,
+    const c10::optional<at::Tensor>& mem_mask, double scale, int64_t causal_lq, bool need_dkv) {
+  const bool tc = check_query_mem(query_in, keys, "keys");
+  check_query_mem(query_in, values, "values");
+  check_same_memory(keys, values, "keys", "values");
+  check_grad_inputs(query_in, d_out_in, lse_in, delta_in);
+  TORCH_CHECK(causal_lq >= 0, "causal_lq must be >= 0, got ", causal_lq);
+  TORCH_CHECK(std::isfinite((float)scale), "scale must be finite in float32, got ", scale);
+  DEVICE_GUARD(query_in.device());
+  const at::Tensor query = query_in.contiguous();
+  const at::Tensor d_out = d_out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor delta = delta_in.contiguous();
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3), M = keys.size(2);
+  if (causal_lq > 0) TORCH_CHECK(N % causal_lq == 0, "query rows N=", N, " must be a multiple of causal_lq=", causal_lq);
+  at::Tensor lengths, mask;
+  check_validity(mem_lengths, mem_mask, query, B, M, lengths, mask);
+  at::Tensor dq = empty_output({B, H, N, D}, query.options().dtype(at::kFloat));
+  auto [dk, dv] = dkv_outputs(keys, values, need_dkv);
+  if (B * H == 0) return {dq, dk, dv};
+
+  FlashBwdParams p{};
+  p.q = query.data_ptr();
+  p.d_out = d_out.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.keys = mem_ref(keys);
+  p.values = mem_ref(values);
+  p.lengths = lengths_ptr(lengths);
+  p.mask = mask_ptr(mask);
+  p.B = (int)B;
+  p.H = (int)H;
+  p.N = (int)N;
+  p.D = (int)D;
+  p.M = M;
+  p.causal_lq = causal_lq;
+  p.scale = (float)scale;
+  p.dtype = dtype_of(keys);
+  p.tc = tc;
+  p.q_vec = N > 0 ? vec_bytes(query) : 0;
+  p.do_vec = N > 0 ? vec_bytes(d_out) : 0;
+  p.k_vec = M > 0 ? vec_bytes(keys) : 0;
+  p.v_vec = M > 0 ? vec_bytes(values) : 0;
+  p.dq = dq.data_ptr<float>();
+  p.dk = need_dkv ? dk.data_ptr() : nullptr;
+  p.dv = need_dkv ? dv.data_ptr() : nullptr;
+  const char* why = "";
+  TORCH_CHECK(flash_backward_plan(p, device_limits(query), &why), "flash_scan_backward (CUDA): ", why);
+  CHECK_CUDA_OK(flash_scan_backward_launch(p, CURRENT_STREAM()), "flash_scan_backward launch");
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_attention_backward(
+    const at::Tensor& query_in, const at::Tensor& indices, const at::Tensor& mem_keys, const at::Tensor& mem_values,
+    const at::Tensor& d_out_in, const at::Tensor& lse_in, const at::Tensor& delta_in, double scale, bool need_dkv) {
+  const bool tc = check_query_mem(query_in, mem_keys, "mem_keys");
+  check_query_mem(query_in, mem_values, "mem_values");
+  check_same_memory(mem_keys, mem_values, "mem_keys", "mem_values");
+  check_grad_inputs(query_in, d_out_in, lse_in, delta_in);
+  CHECK_SAME_DEVICE(indices, query_in);
+  CHECK_DIM(indices, 4);
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
+  const int64_t B = query_in.size(0), H = query_in.size(1), N = query_in.size(2), D = query_in.size(3);
+  const int64_t M = mem_keys.size(2), k = indices.size(3);
+  CHECK_SHAPE(indices, B, H, N, k);
+  TORCH_CHECK(k <= std::numeric_limits<int32_t>::max(), "indices must have at most 2^31 - 1 entries per row, got ",
+              indices.sizes());
+  TORCH_CHECK(std::isfinite((float)scale), "scale must be finite in float32, got ", scale);
+  DEVICE_GUARD(query_in.device());
+  const at::Tensor query = query_in.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor d_out = d_out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor delta = delta_in.contiguous();
+  at::Tensor dq = empty_output({B, H, N, D}, query.options().dtype(at::kFloat));
+  auto [dk, dv] = dkv_outputs(mem_keys, mem_values, need_dkv);
+  if (B * H == 0) return {dq, dk, dv};
+
+  GatherBwdParams p{};
+  p.q = query.data_ptr();
+  p.indices = idx.data_ptr<int64_t>();
+  p.keys = mem_ref(mem_keys);
+  p.values = mem_ref(mem_values);
+  p.d_out = d_out.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.B = (int)B;
+  p.H = (int)H;
+  p.N = (int)N;
+  p.D = (int)D;
+  p.k = (int)k;
+  p.M = M;
+  p.scale = (float)scale;
+  p.dtype = dtype_of(mem_keys);
+  p.tc = tc;
+  p.dq = dq.data_ptr<float>();
+  // dk / dv: the entries (row, j) stably sorted by flattened slot id (b * H + h) * M + index, with
+  // padding and out-of-range indices sent past every slot (B * H * M); O(N * k) scratch, on the
+  // current stream like the kernels
+  at::Tensor ent, sorted, order;
+  if (need_dkv && M > 0) {
+    p.entries = idx.numel();
+    ent = empty_output({2, p.entries}, query.options().dtype(at::kFloat));
+    p.p_ent = ent.data_ptr<float>();
+    p.ds_ent = p.p_ent + p.entries;
+    const at::Tensor base = at::arange(B * H, idx.options()).mul_(M).view({B, H, 1, 1});
+    const at::Tensor flat = at::where(idx.ge(0).logical_and_(idx.lt(M)), idx + base,
+                                      at::scalar_tensor(B * H * M, idx.options()));
+    std::tie(sorted, order) = at::sort(flat.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    p.sorted_ids = sorted.data_ptr<int64_t>();
+    p.order = order.data_ptr<int64_t>();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+  }
+  CHECK_CUDA_OK(gather_attention_backward_launch(p, CURRENT_STREAM()), "gather_attention_backward launch");
+  return {dq, dk, dv};
+}
+
 void impl_ops(torch::Library& m) {
   m.impl("knn_scan", &knn_scan);
   m.impl("flash_scan", &flash_scan);
   m.impl("gather_attention", &gather_attention);
+  m.impl("flash_scan_backward", &flash_scan_backward);
+  m.impl("gather_attention_backward", &gather_attention_backward);
 }
 }  // namespace
 }  // namespace fot_cuda

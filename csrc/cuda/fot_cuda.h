@@ -103,4 +103,72 @@ struct GatherParams {
 
 cudaError_t gather_attention_launch(const GatherParams& p, cudaStream_t stream);
 
+// ------------------------------------------------------------------------------- backward
+// FlashAttention-2 backward of flash_scan (backward.cu): query rows [B*H, N, D] contiguous (TQ:
+// float32, or the memory's fp16/bf16 dtype when tc), d_out fp32 [B*H, N, D], lse and
+// delta = rowsum(dO * O) - dlse fp32 [B*H, N], keys/values [B, H, M, D] with the forward's
+// validity and causal mask. P = exp(scale * q.k - lse) is recomputed with the forward's drop rules
+// (invalid or masked slots, causally hidden keys, keys or query rows with a non-finite element,
+// non-finite scores, rows whose lse is -inf: P = 0, and nothing of theirs is read). Two kernels,
+// no atomics: dq per row tile (looping over the key tiles), dk/dv per key tile (looping over the
+// row tiles; every stacked query head of the kv head is a row). dq fp32 [B*H, N, D]; dk/dv
+// contiguous [B, H, M, D] in the memory dtype (fp32 accumulation), or not written (nullptr).
+struct FlashBwdParams {
+  const void* q;
+  const float* d_out;
+  const float* lse;
+  const float* delta;
+  MemRef keys, values;
+  const int64_t* lengths;  // [B] or nullptr
+  const bool* mask;        // [B, M] contiguous or nullptr
+  int B, H, N, D;
+  int64_t M;
+  int64_t causal_lq;
+  float scale;
+  DType dtype;  // memory dtype
+  bool tc;      // query rows in the memory's fp16/bf16 dtype (else fp32 rows)
+  int q_vec, do_vec, k_vec, v_vec;  // widest vector loads allowed (vec_bytes in bindings.cpp)
+  float* dq;
+  void* dk;  // nullptr: need_dkv false
+  void* dv;
+  // plan: the dq kernel's row tile x key tile, the dk/dv kernel's row tile x key tile, bytes of
+  // dynamic shared memory of each
+  int dq_bm, dq_bn, kv_bm, kv_bn;
+  size_t dq_smem, kv_smem;
+};
+
+bool flash_backward_plan(FlashBwdParams& p, const DeviceLimits& lim, const char** why);
+cudaError_t flash_scan_backward_launch(const FlashBwdParams& p, cudaStream_t stream);
+
+// Backward of gather_attention over the forward's selection indices [B*H, N, k] (-1 padding;
+// indices outside [0, M) are skipped): the selected keys are re-scored exactly (fp32 products of
+// the stored values), a non-finite score drops the entry. The dq kernel (one warp per row) writes
+// dq and, when dk/dv are wanted, each entry's P and dS to `p_ent` / `ds_ent` [B*H*N*k]. The dk/dv
+// kernel (one warp per memory slot) sums the entries of its slot in the order of `order`, the
+// stable sort of the entries by flattened slot id `sorted_ids` ((b*H + h)*M + index; entries
+// skipped above carry B*H*M and sort last): deterministic, no atomics; unselected slots get 0.
+struct GatherBwdParams {
+  const void* q;
+  const int64_t* indices;
+  MemRef keys, values;
+  const float* d_out;
+  const float* lse;
+  const float* delta;
+  int B, H, N, D, k;
+  int64_t M;
+  float scale;
+  DType dtype;
+  bool tc;
+  float* dq;
+  float* p_ent;  // nullptr: need_dkv false
+  float* ds_ent;
+  const int64_t* sorted_ids;
+  const int64_t* order;
+  int64_t entries;  // B*H*N*k
+  void* dk;
+  void* dv;
+};
+
+cudaError_t gather_attention_backward_launch(const GatherBwdParams& p, cudaStream_t stream);
+
 }  // namespace fot_cuda

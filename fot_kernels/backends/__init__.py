@@ -86,11 +86,3 @@ def load_all() -> None:
     any traced region)."""
     for name in NAMES:
         load(name)
-
-
-def grad_reasons(backend: str, needs_grad: bool) -> list[str]:
-    """The reason of a backend whose kernels have no backward yet, when gradients are needed."""
-    if not needs_grad:
-        return []
-    return [f"inputs require grad and the {backend} kernels have no backward yet (docs/DESIGN.md 3.4); "
-            "backend 'streaming' (or 'reference') computes gradients"]  # fmt: skip

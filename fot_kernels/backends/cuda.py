@@ -1,7 +1,8 @@
 """CUDA C++ backend: the kernels in csrc/cuda, compiled by setup.py into ``fot_kernels._C``.
 
 Importing ``fot_kernels._C`` registers the CUDA implementations of the package's custom ops
-``torch.ops.fot.{knn_scan, flash_scan, gather_attention}`` (schemas and fake kernels in
+``torch.ops.fot.{knn_scan, flash_scan, gather_attention}`` and of their backward ops
+``flash_scan_backward`` / ``gather_attention_backward`` (schemas and fake kernels in
 ``fot_kernels._library``, shared with the C++ CPU kernels). Their query is a block of rows
 ``[B, Hkv, G * Lq, D]``: the G query heads that share a kv head are stacked so that every memory
 tile is read once per kv head (grouped-query attention without repeating keys). This module maps
@@ -21,10 +22,19 @@ for P @ V, as in FlashAttention). Any other combination (fp32 query, mixed dtype
 query rows to fp32 and computes exact fp32 products of the upcast values on the CUDA cores; the
 memory is converted tile by tile on chip, never copied.
 
+Gradients: when autograd records the call, the composition runs through ``fot_kernels.autograd``
+with the backward kernels ``torch.ops.fot.{flash_scan_backward, gather_attention_backward}``
+(``Kernels.grad_ops``): FlashAttention-2 recomputation of the probabilities from the saved lse, a
+dq kernel per row tile and a dk/dv kernel per key tile for the dense and local parts, and for the
+kNN part dq per row and d mem_keys / d mem_values per memory slot over the selected entries sorted
+by slot. No atomics: the gradients are the same bits on every run. They serve every input the
+forward serves; an extension built before them (no backward kernels registered) refuses inputs
+that require grad.
+
 Not served (``unsupported_reasons`` says so and ``backend="auto"`` moves on): CPU tensors,
 float64, k > 256, mem_values / value with a dtype other than mem_keys' / key's, more than
-2^31 - 1 memory slots, B * Hkv > 65535, and inputs that require grad while grad mode is on
-(there is no backward kernel yet).
+2^31 - 1 memory slots, B * Hkv > 65535, and inputs that require grad when the loaded extension has
+no backward kernels.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .. import _library
-from . import capability_reasons, dtype_reasons, grad_reasons, streaming
+from . import capability_reasons, dtype_reasons, streaming
 
 NAME = "cuda"
 MAX_K = 256  # csrc/cuda/fot_cuda.h kMaxK
@@ -65,6 +75,22 @@ def _ops():
     return _library.ops()
 
 
+_BACKWARD_REGISTERED: dict[tuple[str, str], bool] = {}  # the libraries load at import and never unload
+
+
+def _has_backward() -> bool:
+    """Whether the loaded kernels include the backward ops (an extension built before them has
+    only the forward ones)."""
+    return _registered(_ops().name, "CUDA" if _DEVICE_TYPE == "cuda" else "CPU")
+
+
+def _registered(namespace: str, dispatch_key: str) -> bool:
+    key = (namespace, dispatch_key)
+    if key not in _BACKWARD_REGISTERED:  # a plain dict: torch.compile traces the cached lookup
+        _BACKWARD_REGISTERED[key] = all(_library.has_kernel(n, dispatch_key, namespace) for n in _library.BACKWARD_OPS)
+    return _BACKWARD_REGISTERED[key]
+
+
 def extension_status() -> str | None:
     """None when the CUDA kernels are importable, else why not."""
     return _EXTENSION_REASON
@@ -81,13 +107,16 @@ def unsupported_reasons(
     topk: int | None = None,
     needs_grad: bool = False,
 ) -> list[str]:
-    reasons = grad_reasons("cuda", needs_grad)
+    reasons = []
     if query.device.type != _DEVICE_TYPE:
         reasons.append(f"cuda backend needs {_DEVICE_TYPE.upper()} tensors, got {query.device.type}")
     if _EXTENSION_REASON is not None:
         reasons.append(_EXTENSION_REASON)
     else:  # the extension holds sm_80 / sm_90 code (+ PTX for newer GPUs) only
         reasons += capability_reasons("cuda", query.device)
+        if needs_grad and not _has_backward():
+            reasons.append("inputs require grad and the loaded CUDA extension has no backward kernels (built before "
+                           "them: rebuild it); backend 'streaming' computes gradients")  # fmt: skip
     tensors = {"query": query, "mem_keys": mem_keys, "mem_values": mem_values, "key": key, "value": value}
     reasons += dtype_reasons(_DTYPES, **tensors)
     if mem_values is not None and mem_values.dtype != mem_keys.dtype:
@@ -113,7 +142,10 @@ def _row_dtype(query: Tensor, *others: Tensor) -> torch.dtype:
 
 
 def _kernels() -> streaming.Kernels:
-    return streaming.Kernels(_ops(), _row_dtype)
+    """The forward ops, the row dtype, and the backward ops when they are registered (else the
+    PyTorch backward, which unsupported_reasons keeps from running on inputs that need grad)."""
+    ops = _ops()
+    return streaming.Kernels(ops, _row_dtype, ops if _has_backward() else None)
 
 
 def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None):

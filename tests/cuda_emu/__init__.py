@@ -1,6 +1,6 @@
 """Runs the CUDA C++ kernels of csrc/cuda on the CPU, so that CI (which has no GPU) executes them.
 
-``load()`` compiles csrc/cuda/{knn,attention}.cu and bindings.cpp as host C++ against a small CUDA
+``load()`` compiles csrc/cuda/{knn,attention,backward}.cu and bindings.cpp as host C++ against a small CUDA
 emulator (this directory: stand-in CUDA headers, threads as fibers, WMMA fragments split across
 lanes, cp.async) and registers the kernels as the CPU implementations of the package's ops under
 the emulator's own namespace, ``torch.ops.fot_cuda_emu`` (schemas and fake kernels from
@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc" / "cuda"
 # translated into the build directory; the .cu files find the translated headers there first
-TRANSLATED = (CSRC / "common.cuh", CSRC / "knn.cu", CSRC / "attention.cu", HERE / "selftest.cu")
+TRANSLATED = (CSRC / "common.cuh", CSRC / "knn.cu", CSRC / "attention.cu", CSRC / "backward.cu", HERE / "selftest.cu")
 
 # kernel<<<grid, block, smem, stream>>>(args)
 #   ->  ::fot_emu::launcher(kernel, "kernel", grid, block, smem, stream)(args)
@@ -57,7 +57,8 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 def load(verbose: bool | None = None, *, sanitize: bool | None = None):
     """Builds (once per process; ninja caches across processes) and returns torch.ops.fot_cuda_emu:
-    knn_scan, flash_scan, gather_attention (csrc/cuda's kernels for CPU tensors) and emu_* (control.cpp).
+    every op of fot_kernels._library.SCHEMAS (csrc/cuda's kernels for CPU tensors, the backward ones
+    included) and emu_* (control.cpp).
 
     sanitize=True (default: FOT_CUDA_EMU_SANITIZE=1) builds with AddressSanitizer, which reports
     out-of-bounds reads and writes of global memory (the tensors' storage); such a build loads only
@@ -98,7 +99,7 @@ def load(verbose: bool | None = None, *, sanitize: bool | None = None):
         verbose=verbose,
     )
     ops = _library.ops(NAMESPACE)  # the schemas and fakes; the library above registered the kernels
-    missing = [op for op in _library.FORWARD_OPS if not _library.has_kernel(op, "CPU", NAMESPACE)]
+    missing = [op for op in _library.SCHEMAS if not _library.has_kernel(op, "CPU", NAMESPACE)]
     if missing:
         raise RuntimeError(f"the CUDA emulator build registered no CPU kernel for {NAMESPACE}::{missing}")
     _OPS = ops
@@ -148,9 +149,9 @@ def plan(
     num_sms: int = 132,
     slots: int = 1 << 20,
 ) -> dict | None:
-    """The launch plan csrc/cuda's own code (knn_plan / flash_plan) picks for `kind` ("knn" or
-    "flash") on a device with that much opt-in shared memory per block: {"bm", "bn", "smem",
-    "splits"}, or None when nothing fits."""
+    """The launch plan csrc/cuda's own code (knn_plan / flash_plan / flash_backward_plan) picks for
+    `kind` ("knn", "flash", "flash_bwd_dq" or "flash_bwd_dkv") on a device with that much opt-in
+    shared memory per block: {"bm", "bn", "smem", "splits"}, or None when nothing fits."""
     (bm, bn, smem, splits), _why = load().emu_plan(kind, rows, head_dim, k, tensor_cores, num_sms, smem_optin, slots)
     return None if bm == 0 else {"bm": bm, "bn": bn, "smem": smem, "splits": splits}
 

@@ -31,12 +31,24 @@ void configure(int64_t num_sms, int64_t smem_optin, int64_t schedule, int64_t se
 
 // The launch plan csrc/cuda would pick on a device with `num_sms` SMs and `smem_optin` bytes of
 // opt-in shared memory per block: {bm, bn, dynamic shared memory bytes, splits}, or {0, 0, 0, 0}
-// with the plan's reason when nothing fits. kind: "knn" (knn_scan; k >= 1) or "flash" (flash_scan).
+// with the plan's reason when nothing fits. kind: "knn" (knn_scan; k >= 1), "flash" (flash_scan),
+// "flash_bwd_dq" / "flash_bwd_dkv" (the two kernels of flash_scan_backward; splits = 1).
 std::tuple<std::vector<int64_t>, std::string> plan(const std::string& kind, int64_t rows, int64_t head_dim,
                                                    int64_t k, bool tensor_cores, int64_t num_sms, int64_t smem_optin,
                                                    int64_t slots) {
   const fot_cuda::DeviceLimits lim{(int)num_sms, (int)smem_optin};
   const char* why = "";
+  if (kind == "flash_bwd_dq" || kind == "flash_bwd_dkv") {
+    fot_cuda::FlashBwdParams b{};
+    b.B = b.H = 1;
+    b.N = (int)rows;
+    b.D = (int)head_dim;
+    b.M = slots;
+    b.tc = tensor_cores;
+    if (!fot_cuda::flash_backward_plan(b, lim, &why)) return {{0, 0, 0, 0}, why};
+    if (kind == "flash_bwd_dq") return {{b.dq_bm, b.dq_bn, (int64_t)b.dq_smem, 1}, ""};
+    return {{b.kv_bm, b.kv_bn, (int64_t)b.kv_smem, 1}, ""};
+  }
   fot_cuda::ScanParams* p = nullptr;
   fot_cuda::KnnParams knn{};
   fot_cuda::FlashParams flash{};
@@ -44,7 +56,7 @@ std::tuple<std::vector<int64_t>, std::string> plan(const std::string& kind, int6
   if (kind == "knn") {
     p = &knn;
   } else {
-    TORCH_CHECK(kind == "flash", "kind must be 'knn' or 'flash', got ", kind);
+    TORCH_CHECK(kind == "flash", "kind must be 'knn', 'flash', 'flash_bwd_dq' or 'flash_bwd_dkv', got ", kind);
     p = &flash;
   }
   p->B = p->H = 1;
