@@ -20,8 +20,14 @@ dk / dv of the slice it read; d value (local part + memory parts) and d mem_keys
 are summed over the slices in an fp32 buffer and cast once at the end (for bf16 / fp16 inputs the
 backward kernels read fp32 copies of key, value and mem_keys, so that no part's dk / dv is rounded
 before the sum). The backward kernels are ``Kernels.grad_ops`` (C++ on the CPU, CUDA on GPUs when
-the loaded extension has them), else the PyTorch ones of ``backends.streaming``. Double backward
-is refused.
+the loaded extension has them; the Triton launchers on the ``triton`` backend), else the PyTorch
+ones of ``backends.streaming``. Double backward is refused.
+
+Backends: ``backend="auto"`` tries ``backends.auto_order`` (on GPUs triton, then cuda, then
+streaming; on the CPU cpu, then streaming); each serves through its ``Kernels``: the C++ ops
+(``cpu``), the CUDA ops (``cuda``), the Triton launchers ``backends.triton.kernels()``
+(``flash_scan`` on the fused attention kernel, CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), the PyTorch ones (``streaming``).
 """
 
 from __future__ import annotations
@@ -85,11 +91,6 @@ def visible_contexts(batch: int, cross_batch_range: int, dataset_packing: int,
 # --------------------------------------------------------------------------------------------
 
 
-def _triton_reasons(query: Tensor, **_: object) -> list[str]:
-    return ["the Triton kernels are not op-shaped (no flash_scan over stacked rows with per-row lengths): "
-            "crossbatch_attention is served by 'cuda', 'cpu' and 'streaming'"]  # fmt: skip
-
-
 def _kernels_or_reasons(name: str, query: Tensor, key: Tensor, value: Tensor, mem_keys: Tensor):
     """(Kernels, []) when backend ``name`` can serve the inputs, else (None, reasons). The
     reference is (None, [])."""
@@ -109,7 +110,10 @@ def _kernels_or_reasons(name: str, query: Tensor, key: Tensor, value: Tensor, me
         # backend's "no backward kernel" refusal of memory_attention does not apply here
         reasons = module.unsupported_reasons(OP, query, mem_keys, key=key, value=value, mem_values=value)
         return (None, reasons) if reasons else (module._kernels(), [])
-    return None, _triton_reasons(query)
+    # triton: its op-shaped flash_scan (on the fused attention kernel) and its backward launchers
+    reasons = module.unsupported_reasons(OP, query, mem_keys, key=key, value=value, mem_values=value,
+                                         needs_grad=needs_grad(query, key, value, mem_keys))  # fmt: skip
+    return (None, reasons) if reasons else (module.kernels(), [])
 
 
 def _pick(backend: str, query: Tensor, key: Tensor, value: Tensor, mem_keys: Tensor):
@@ -304,8 +308,8 @@ def crossbatch_attention(
         key_padding_mask: optional bool ``[B, L]``, True = attend; applies to the local part only.
         softmax_scale: default ``1 / sqrt(D)``, for local and memory scores alike.
         backend: ``"auto"`` or one of ``"reference"`` (the float64-capable oracle: gathers the
-            contexts and materialises the scores), ``"streaming"``, ``"cpu"``, ``"cuda"``
-            (``"triton"`` is refused).
+            contexts and materialises the scores), ``"streaming"``, ``"cpu"``, ``"cuda"``,
+            ``"triton"``.
 
     Returns:
         out ``[B, Hq, L, D]`` in query.dtype; differentiable w.r.t. query, key, value and mem_keys

@@ -1,11 +1,12 @@
 """crossbatch_attention (docs/DESIGN.md 3.5): FoT's CrossBatch memory-layer attention.
 
 The fused composition (``fot_kernels.crossbatch``) on the streaming backend, the cpu backend with
-its C++ kernels and with the PyTorch fallback kernels, and the cuda backend's kernels built for the
-CPU emulator, against the float64 reference (which gathers the contexts and materialises the
-scores), outputs and all four gradients, with flash-attention's tolerance rule. Plus: the pack rule
-checked by hand, no information leak from later rows, gradcheck, the memory bound (no gathered
-[B, Hkv, d * L, D] copy, no score block wider than BLOCK), validation, dispatch and torch.compile.
+its C++ kernels and with the PyTorch fallback kernels, the cuda backend's kernels built for the
+CPU emulator, and the triton backend's launchers under the Triton interpreter, against the float64
+reference (which gathers the contexts and materialises the scores), outputs and all four
+gradients, with flash-attention's tolerance rule. Plus: the pack rule checked by hand, no
+information leak from later rows, gradcheck, the memory bound (no gathered [B, Hkv, d * L, D]
+copy, no score block wider than BLOCK), validation, dispatch and torch.compile.
 """
 
 import math
@@ -34,7 +35,8 @@ def _one_thread():
 
 @pytest.fixture(params=["streaming", "cpu", "cpu-pytorch-kernels"])
 def backend(request, monkeypatch):
-    """The backend= name; "cpu" runs the C++ kernels, "cpu-pytorch-kernels" the PyTorch fallback."""
+    """The backend= name; "cpu" runs the C++ kernels, "cpu-pytorch-kernels" the PyTorch fallback.
+    (The Triton backend, slow under the interpreter, has its own smaller cases below.)"""
     if request.param.startswith("cpu"):
         _use_cpu_kernels("ext" if request.param == "cpu" else "torch", monkeypatch)
         return "cpu"
@@ -237,6 +239,87 @@ def test_cuda_emulated(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# The triton backend: its op-shaped flash_scan on the fused attention kernel and its backward
+# launchers (the Triton interpreter on the CPU; small shapes: the interpreter is slow)
+# --------------------------------------------------------------------------------------------
+
+TRITON_CASES = {
+    # GQA, a key padding mask (the causal pass with a validity), stepping: contexts with per-row lengths
+    "gqa-mask-stepping": ((4, 4, 2, 7, 16), dict(cross_batch_range=3, dataset_packing=2, cross_batch_stepping=True),
+                          torch.float32, True),
+    # head dim 100 (padded to 128 inside the kernels), bf16 everywhere, default scale
+    "D100-bf16-mask": ((3, 2, 1, 5, 100), dict(cross_batch_range=2), torch.bfloat16, True),
+    "fp16-scale": ((3, 2, 2, 6, 8), dict(cross_batch_range=2, softmax_scale=0.9), torch.float16, False),
+}  # fmt: skip
+
+
+@pytest.fixture
+def triton_backend():
+    pytest.importorskip("triton")
+    reasons = crossbatch._kernels_or_reasons("triton", *make(2, 2, 1, 3, 8))[1]
+    assert not reasons, reasons  # served under the interpreter (conftest sets TRITON_INTERPRET=1)
+    return "triton"
+
+
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_matches_reference(triton_backend, name, poison_empty):
+    shape, kw, dtype, masked = TRITON_CASES[name]
+    xs = make(*shape, dtype=dtype)
+    mask = (torch.rand(shape[0], shape[3]) > 0.3) if masked else None
+    check(triton_backend, xs, key_padding_mask=mask, **kw)
+    with torch.no_grad():  # the forward alone (no autograd Function)
+        out = fk.crossbatch_attention(*xs, key_padding_mask=mask, backend=triton_backend, **kw)
+        out_hi = fk.crossbatch_attention(*(x.double() for x in xs), key_padding_mask=mask, backend="reference", **kw)
+        out_lo = fk.crossbatch_attention(*xs, key_padding_mask=mask, backend="reference", **kw)
+    assert_close_to_reference(out, out_hi, out_lo, "out (no grad)")
+
+
+def test_triton_edge_rows_and_non_finite(triton_backend):
+    # fully padded rows, a NaN memory key, an inf local key, a NaN query row; bf16 mem_keys
+    xs = make(4, 4, 2, 7, 8)
+    xs[3] = xs[3].bfloat16()
+    xs[3][0, 1, 2, 0] = float("nan")  # a memory key of row 0: dropped for rows 1, 2
+    xs[1][2, 0, 4, 3] = float("inf")  # a local key of row 2
+    xs[0][3, 1, 5, 1] = float("nan")  # a query row: out 0, no gradient
+    mask = torch.rand(4, 7) > 0.3
+    mask[0] = False  # row 0: fully padded and no context: nothing to attend to
+    mask[2] = False  # row 2: fully padded, sees the memory of rows 1 and 0 only
+    mask[2, 4] = True  # ... but key 4 (inf in kv head 0: dropped there)
+    out, (dq, dk, dv, dmk) = check(triton_backend, xs, cross_batch_range=2, key_padding_mask=mask)
+    assert dmk.dtype == torch.bfloat16
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv, dmk))
+    assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all()
+    assert (out[3, 1, 5] == 0).all() and (dq[3, 1, 5] == 0).all()
+    assert (dmk[0, 1, 2] == 0).all() and (dmk[3] == 0).all()  # the NaN key; nobody sees the last row
+    assert (dk[2, :, [0, 1, 2, 3, 5, 6]] == 0).all() and (dk[2, 0, 4] == 0).all() and dk[2, 1, 4].abs().sum() > 0
+
+
+def test_triton_no_information_from_later_rows(triton_backend):
+    row, kw = 2, dict(cross_batch_range=3, dataset_packing=2)
+    xs = make(4, 2, 1, 5, 8)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    fk.crossbatch_attention(*leaves, backend=triton_backend, **kw)[: row + 1].sum().backward()
+    for x in leaves:
+        assert (x.grad[row + 1 :] == 0).all()
+    assert all(x.grad[: row + 1].abs().sum() > 0 for x in leaves[:3])
+    assert (leaves[3].grad[row] == 0).all() and leaves[3].grad[:row].abs().sum() > 0
+
+
+def test_triton_only_requested_gradients_and_empty(triton_backend):
+    xs = make(3, 2, 1, 4, 8)
+    for wanted in range(4):
+        leaves = [x.clone().requires_grad_(i == wanted) for i, x in enumerate(xs)]
+        fk.crossbatch_attention(*leaves, cross_batch_range=2, backend=triton_backend).sum().backward()
+        assert all((x.grad is not None) == (i == wanted) for i, x in enumerate(leaves))
+    for batch, length in ((0, 5), (2, 0)):
+        leaves = [x.requires_grad_() for x in make(batch, 2, 1, length, 8)]
+        out = fk.crossbatch_attention(*leaves, cross_batch_range=2, backend=triton_backend)
+        assert out.shape == leaves[0].shape
+        out.sum().backward()
+        assert all(x.grad is not None and x.grad.shape == x.shape for x in leaves)
+
+
+# --------------------------------------------------------------------------------------------
 # Properties
 # --------------------------------------------------------------------------------------------
 
@@ -303,31 +386,36 @@ def test_empty_inputs(backend, batch, length):
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor (numel) any op returns."""
 
-    def __init__(self):
+    def __init__(self, ignore_dtypes=()):
         super().__init__()
-        self.largest, self.op = 0, None
+        self.largest, self.op, self.ignore_dtypes = 0, None, ignore_dtypes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         for t in pytree.tree_leaves(result):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+            if isinstance(t, torch.Tensor) and t.dtype not in self.ignore_dtypes and t.numel() > self.largest:
                 self.largest, self.op = t.numel(), func
         return result
 
 
-@pytest.mark.parametrize("name", ["streaming", "cpu", "cpu-pytorch-kernels", "reference"])
+@pytest.mark.parametrize("name", ["streaming", "cpu", "cpu-pytorch-kernels", "triton", "reference"])
 def test_no_gathered_memory_nor_scores(name, monkeypatch):
     # B=4, Hkv=Hq=1, L=32, D=4, d=3, BLOCK=8: query rows, gradients: 512 elements; score blocks
     # [B, 1, L, BLOCK]: 1024; the gathered memory [B, 1, d * L, D]: 1536; the local scores
     # [B, 1, L, L]: 4096. Forward and backward may hold nothing above 1024 (the reference must).
     if name.startswith("cpu"):
         _use_cpu_kernels("ext" if name == "cpu" else "torch", monkeypatch)
+    if name == "triton":
+        pytest.importorskip("triton")
     monkeypatch.setattr(streaming, "BLOCK", 8)
     batch, length, head_dim, d = 4, 32, 4, 3
     xs = [x.requires_grad_() for x in make(batch, 1, 1, length, head_dim)]
     bound = batch * length * max(head_dim, streaming.BLOCK)
     assert bound < batch * d * length * head_dim
-    with _LargestTensor() as probe:
+    # the Triton interpreter moves each kernel argument to and from numpy as uint8 views of its
+    # storage (the tensor's own bytes, counted as elements); nothing else of the composition is uint8
+    ignore = (torch.uint8,) if name == "triton" else ()
+    with _LargestTensor(ignore) as probe:
         out = fk.crossbatch_attention(*xs, cross_batch_range=d, backend=name.split("-")[0])
         torch.autograd.grad(out, xs, torch.randn(out.shape))
     if name == "reference":
@@ -341,14 +429,35 @@ def test_no_gathered_memory_nor_scores(name, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
     xs = make(2, 2, 1, 4, 8)
     assert crossbatch._pick("auto", *xs)[0] == "cpu"
     assert crossbatch._pick("auto", *(x.double() for x in xs))[1] is streaming.TORCH_KERNELS  # C++: no f64
-    with pytest.raises(fk.BackendUnavailableError, match="triton: the Triton kernels are not op-shaped"):
-        fk.crossbatch_attention(*xs, cross_batch_range=1, backend="triton")
     with pytest.raises(fk.BackendUnavailableError, match="cuda"):
         fk.crossbatch_attention(*xs, cross_batch_range=1, backend="cuda")
+    # auto follows backends.auto_order (on GPUs: triton, cuda, streaming)
+    seen = []
+    monkeypatch.setattr(crossbatch, "auto_order", lambda device_type: seen.append(device_type) or ("streaming",))
+    assert crossbatch._pick("auto", *xs)[0] == "streaming" and seen == ["cpu"]
+
+
+def test_dispatch_triton():
+    pytest.importorskip("triton")
+    from fot_kernels.backends import triton as triton_backend
+
+    xs = make(2, 2, 1, 4, 8)
+    assert crossbatch._pick("triton", *xs) == ("triton", triton_backend.kernels())
+    assert triton_backend.kernels().grad_ops.flash_scan_backward is triton_backend.flash_scan_backward
+    with pytest.raises(fk.BackendUnavailableError, match="triton: query dtype float64 not served"):
+        fk.crossbatch_attention(*(x.double() for x in xs), cross_batch_range=1, backend="triton")
+    wide = make(2, 2, 1, 3, 200)
+    with pytest.raises(fk.BackendUnavailableError, match="triton: fp32 or mixed-dtype attention with head_dim 200"):
+        fk.crossbatch_attention(*wide, cross_batch_range=1, backend="triton")
+    # bf16 at head dim 200: the forward is served; gradients (fp32 backward products) are not
+    wide = [x.bfloat16() for x in wide]
+    assert crossbatch._pick("triton", *wide)[0] == "triton"
+    with pytest.raises(fk.BackendUnavailableError, match="triton: gradients: fp32 or mixed-dtype attention"):
+        fk.crossbatch_attention(*(x.requires_grad_() for x in wide), cross_batch_range=1, backend="triton")
 
 
 def test_torch_compile_fullgraph():

@@ -480,3 +480,108 @@ def test_inputs_requiring_grad_get_fused_gradients(poison_empty, topk, monkeypat
         torch.testing.assert_close(g, r.float(), atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         assert not ops.memory_attention(*leaves, topk=topk, backend="triton").requires_grad
+
+
+# ------------------------------------------------------ flash_scan: the op-shaped forward launcher
+
+
+def _scan_inputs(batch, heads, n_rows, slots, head_dim, dtype, mem_dtype, lengths, mask):
+    """Stacked rows [B, Hkv, N, D], keys/values [B, Hkv, M, D] (fresh random), optional lengths
+    (one row with none, one past M) and a mask."""
+    rows = torch.randn(batch, heads, n_rows, head_dim, device=DEVICE).to(dtype)
+    keys, values = (torch.randn(batch, heads, slots, head_dim, device=DEVICE).to(mem_dtype) for _ in range(2))
+    lens = None
+    if lengths:
+        lens = torch.randint(1, slots + 1, (batch,), device=DEVICE)
+        lens[0], lens[-1] = 0, slots + 5
+    valid = (torch.rand(batch, slots, device=DEVICE) > 0.3) if mask else None
+    return rows, keys, values, lens, valid
+
+
+def _check_flash_scan(rows, keys, values, lens, valid, scale, causal_lq):
+    """The launcher against ``flash_scan_torch`` in float64 (the oracle) and in the kernels' own
+    precision (fp32 products; rounded to the operands' dtype where every operand is fp16/bf16, the
+    precision of the native path's P)."""
+    from fot_kernels.backends.streaming import flash_scan_torch
+
+    out, lse = TB.flash_scan(rows, keys, values, lens, valid, scale, causal_lq)
+    assert out.dtype == lse.dtype == torch.float32
+    assert out.shape == rows.shape and lse.shape == rows.shape[:3]
+    o_hi, l_hi = flash_scan_torch(rows.double(), keys.double(), values.double(), lens, valid, scale, causal_lq)
+    o_lo, l_lo = flash_scan_torch(rows, keys, values, lens, valid, scale, causal_lq)
+    if rows.dtype == keys.dtype == values.dtype and rows.dtype in (F16, BF16):
+        o_lo = o_lo.to(rows.dtype)
+    assert_close_to_reference(out.cpu(), o_hi.cpu(), o_lo.cpu(), name="out")
+    assert_close_to_reference(lse.cpu(), l_hi.cpu(), l_lo.cpu(), name="lse")
+    return out, lse
+
+
+@pytest.mark.parametrize(
+    "batch,heads,group,len_q,slots,head_dim,causal,dtype,mem_dtype,lengths,mask",
+    [
+        (2, 2, 3, 5, 37, 16, False, F32, F32, True, True),  # dense, GQA-stacked rows, lengths + mask
+        (2, 1, 2, 4, 70, 100, False, F32, BF16, True, False),  # D 100, bf16 memory with fp32 rows
+        (3, 2, 1, 9, 21, 16, False, BF16, BF16, False, True),  # native bf16 path
+        (2, 2, 2, 6, 6, 16, True, F32, F32, False, False),  # causal, M = causal_lq (crossbatch's local part)
+        (2, 1, 3, 5, 9, 16, True, F16, F16, False, True),  # causal, M > causal_lq (bottom-right), mask
+        (2, 2, 2, 7, 4, 100, True, F32, F32, True, True),  # causal, M < causal_lq (rows with no key), D 100
+        (3, 1, 2, 8, 8, 100, True, F32, BF16, True, True),  # causal, bf16 keys with fp32 rows, lengths + mask
+    ],
+)  # fmt: skip
+def test_flash_scan_matches_reference(poison_empty, batch, heads, group, len_q, slots, head_dim, causal, dtype,
+                                      mem_dtype, lengths, mask):  # fmt: skip
+    inputs = _scan_inputs(batch, heads, group * len_q, slots, head_dim, dtype, mem_dtype, lengths, mask)
+    _check_flash_scan(*inputs, 0.7 / head_dim**0.5, len_q if causal else 0)
+
+
+def test_flash_scan_strided_views(poison_empty):
+    """Batch-slice views of keys/values (crossbatch's memory parts: no copy) and rows that are not
+    contiguous in (head, row) (the causal path's [B, Hkv * G, Lq, D] view needs a copy of them)."""
+    rows, keys, values, _, valid = _scan_inputs(4, 2, 2 * 5, 5, 16, F32, F32, False, True)
+    _check_flash_scan(rows[1:], keys[:3], values[:3], None, valid[:3], 0.3, 0)
+    strided = rows.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, Hkv, D] memory
+    assert not strided.is_contiguous()
+    _check_flash_scan(strided, keys, values, None, valid, 0.3, 5)
+    _check_flash_scan(strided[2:], keys[:2], values[:2], torch.tensor([5, 2], device=DEVICE), None, 0.3, 0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_flash_scan_non_finite_keys_and_rows(poison_empty, causal, dtype):
+    """Keys scoring +-inf or NaN are dropped with their inf/NaN values; invalid slots' NaN values
+    are never read; NaN/inf rows and rows left with nothing give (0, -inf)."""
+    len_q = 6
+    rows, keys, values, _, valid = _scan_inputs(2, 2, 2 * len_q, 8, 16, dtype, dtype, False, True)
+    _poison(keys, values, (0, 3, 5, 7))
+    valid[:, 1] = False
+    values[:, :, 1] = NAN  # an invalid slot's value: never read
+    rows[0, 1, 2, 4] = NAN
+    rows[0, 0, 7, 0] = INF
+    valid[1] = False  # batch row 1: nothing valid
+    out, lse = _check_flash_scan(rows, keys, values, None, valid, 0.25, len_q if causal else 0)
+    empty = torch.zeros_like(lse, dtype=torch.bool)
+    empty[0, 1, 2] = empty[0, 0, 7] = True
+    empty[1] = True
+    if causal:  # query i sees keys j <= i + 2: query 0 (rows 0 and len_q) keeps key 2 alone, if valid
+        assert (torch.isfinite(lse[0, :, [0, len_q]]) == valid[0, 2]).all()
+    assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+    assert torch.isfinite(out).all()
+
+
+def test_flash_scan_edges_and_kernels(poison_empty):
+    """Empty memory and empty rows; causal_lq must divide the rows; ``kernels()`` serves the
+    launchers (forward and backward) with rows in the query's dtype."""
+    rows, keys, values, _, _ = _scan_inputs(2, 1, 6, 4, 16, F32, F32, False, False)
+    out, lse = TB.flash_scan(rows, keys[:, :, :0], values[:, :, :0], None, None, 0.5, 0)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out, lse = TB.flash_scan(rows[:, :, :0], keys, values, None, None, 0.5, 3)
+    assert out.shape == (2, 1, 0, 16) and lse.shape == (2, 1, 0)
+    with pytest.raises(ValueError, match="causal_lq 4 must be 0 or divide the 6 rows"):
+        TB.flash_scan(rows, keys, values, None, None, 0.5, 4)
+    with pytest.raises(ValueError, match="keys"):
+        TB.flash_scan(rows, keys[:, :, :, :8], values[:, :, :, :8], None, None, 0.5, 0)
+    kernels = TB.kernels()
+    assert kernels.ops.flash_scan is TB.flash_scan
+    assert kernels.grad_ops.flash_scan_backward is TB.flash_scan_backward
+    assert kernels.grad_ops.gather_attention_backward is TB.gather_attention_backward
+    assert kernels.row_dtype(rows.bfloat16(), keys) == BF16

@@ -125,9 +125,12 @@ def shipped_cases() -> list[Case]:
         for label, dts, (lf, mf) in _ATTN_DTYPES:
             if mf != fp32 or (label == "fp32q-bf16mem" and bd not in (64, 128)):
                 continue
+            # mode 0 is the op-shaped flash_scan's causal pass with the validity on the local keys
             const = dict(BM=cfg.BM, BN=cfg.BN, BD=bd, HAS_LOCAL=True, CAUSAL=True, MEM_MODE=mode, HAS_LEN=True,
-                         HAS_MASK=True, LOCAL_FP32=lf, MEM_FP32=mf, INTERPRET=False, OFF64=False)  # fmt: skip
+                         HAS_MASK=True, LOCAL_FP32=lf, MEM_FP32=mf, INTERPRET=False, OFF64=False,
+                         LOCAL_VALID=mode == 0)  # fmt: skip
             name = f"BD{bd} BM{cfg.BM} BN{cfg.BN} w{cfg.num_warps} mem{['-', 'dense', 'knn'][mode]} {label}"
+            name += " local-valid" if mode == 0 else ""
             case = Case("attn", name, tuple(sorted(const.items())), tuple(sorted(dts.items())), cfg.num_warps,
                         cfg.num_stages)  # fmt: skip
             cases[case] = None

@@ -2,8 +2,10 @@
 
 Offers the backend interface of ``fot_kernels.backends``: ``unsupported_reasons``, ``knn_topk``
 and ``memory_attention`` (differentiable: when autograd records the call, the fused forward and the
-fused backward kernels of ``_backward.py`` run through ``fot_kernels.autograd``), and the
-op-shaped backward launchers ``flash_scan_backward`` / ``gather_attention_backward``. Serves CUDA
+fused backward kernels of ``_backward.py`` run through ``fot_kernels.autograd``), the op-shaped
+forward launcher ``flash_scan`` (on the fused attention kernel) and backward launchers
+``flash_scan_backward`` / ``gather_attention_backward``, and ``kernels()``: those as a
+``streaming.Kernels`` for compositions over stacked rows (``fot_kernels.crossbatch``). Serves CUDA
 tensors, and CPU tensors when ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests
 without a GPU).
 
@@ -85,11 +87,17 @@ def unsupported_reasons(
     head_dim = query.shape[-1]
     if head_dim > C.MAX_D:
         reasons.append(f"head_dim {head_dim} > {C.MAX_D}")
-    if op == "memory_attention":
+    if op in ("memory_attention", "crossbatch_attention"):
         dts = {t.dtype for t in (query, mem_keys, key, value, mem_values) if t is not None}
         reason = C.attn_unserved_reason(head_dim, not (len(dts) == 1 and query.dtype in _LOW))
         if reason:
             reasons.append(reason)
+        elif op == "crossbatch_attention" and needs_grad and dts != {torch.float32}:
+            # its backward sums several parts' dk / dv and reads fp32 copies of fp16/bf16 operands
+            # (fot_kernels.crossbatch): the fp32 product path of the backward kernels
+            reason = C.attn_unserved_reason(head_dim, True)
+            if reason:
+                reasons.append(f"gradients: {reason}")
     if topk is not None:
         fp32 = not (query.dtype == mem_keys.dtype and query.dtype in _LOW)
         reason = C.knn_unserved_reason(topk, head_dim, fp32)
@@ -321,6 +329,78 @@ def _forward(
 
 
 # --------------------------------------------------------------------------------------------
+# Op-shaped forward (the ``flash_scan`` op of ``fot_kernels._library``) on ``_attn_fwd_kernel``
+# --------------------------------------------------------------------------------------------
+
+
+def flash_scan(
+    query: Tensor, keys: Tensor, values: Tensor, mem_lengths: Tensor | None, mem_mask: Tensor | None,
+    scale: float, causal_lq: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Online-softmax attention of stacked rows over keys/values (the semantics of
+    ``streaming.flash_scan_torch``): query [B, Hkv, N, D], keys/values [B, Hkv, M, D], optional
+    mem_lengths int [B] and mem_mask bool [B, M] -> (out float32 [B, Hkv, N, D], lse float32
+    [B, Hkv, N]). ``causal_lq > 0``: the rows are N / causal_lq blocks of causal_lq queries, row n
+    (i = n mod causal_lq) sees key j iff j <= i + M - causal_lq (and the key is valid).
+
+    One launch of ``_attn_fwd_kernel``: causal_lq == 0 is its dense memory mode (MEM_MODE 1) with
+    the rows as a [B, Hkv, N, D] query (one query head per kv head); causal_lq > 0 is its local
+    mode with the rows viewed as [B, Hkv * G, causal_lq, D] (the kernel's GQA row packing) and
+    the validity applied to the local keys (LOCAL_VALID)."""
+    from ._attention import _attn_fwd_kernel
+
+    batch, heads, n_rows, head_dim = query.shape
+    num_keys = keys.shape[2]
+    if causal_lq < 0 or (causal_lq > 0 and n_rows % causal_lq != 0):
+        raise ValueError(f"triton flash_scan: causal_lq {causal_lq} must be 0 or divide the {n_rows} rows")
+    if keys.shape[:2] != (batch, heads) or keys.shape[3] != head_dim or values.shape != keys.shape:
+        raise ValueError(
+            f"triton flash_scan: keys {tuple(keys.shape)} and values {tuple(values.shape)} must be "
+            f"[B, Hkv, M, D] with the rows' B, Hkv and D: query {tuple(query.shape)}"
+        )
+    device = query.device
+    out = torch.empty(batch, heads, n_rows, head_dim, dtype=torch.float32, device=device)
+    lse = torch.empty(batch, heads, n_rows, dtype=torch.float32, device=device)
+    if lse.numel() == 0:
+        return out, lse
+    if num_keys == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    causal = causal_lq > 0
+    len_q = causal_lq if causal else n_rows
+    group = n_rows // len_q
+    # the kernel addresses query head h_kv * G + g, query i: a view when the rows are contiguous
+    # in (head, row), else one copy of the rows
+    q = _last_dim_contiguous(query.reshape(batch, heads * group, len_q, head_dim))
+    k, v = _last_dim_contiguous(keys), _last_dim_contiguous(values)
+    lengths, mask, smask_b, smask_m = _validity_args(k, mem_lengths, mem_mask)
+    low = q.dtype == k.dtype == v.dtype and q.dtype in _LOW
+    bd = C.block_d(head_dim)
+    mem_mode = 0 if causal else 1
+    cfg = C.attn_config(bd, n_rows, mem_mode, not low)
+    # causal: the keys are the kernel's local keys; dense: its memory (the local pointers unused)
+    k_loc, v_loc = (k, v) if causal else (q, q)
+    grid = (math.ceil(n_rows / cfg.BM), batch * heads)
+    _attn_fwd_kernel[grid](
+        q, k_loc, v_loc, k, v, _dummy(device), lengths, mask, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
+        v_loc.stride(0), v_loc.stride(1), v_loc.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        smask_b, smask_m,
+        heads, len_q, num_keys if causal else 0, 0 if causal else num_keys, head_dim, group, n_rows, 0,
+        float(scale) * _LOG2E,
+        BM=cfg.BM, BN=cfg.BN, BD=bd,
+        HAS_LOCAL=causal, CAUSAL=causal, MEM_MODE=mem_mode,
+        HAS_LEN=mem_lengths is not None, HAS_MASK=mem_mask is not None,
+        LOCAL_FP32=not low, MEM_FP32=not low, INTERPRET=_interpret(),
+        OFF64=_needs_off64(num_keys, k.stride(2), v.stride(2), smask_m), LOCAL_VALID=causal,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=C.MAXNREG,
+    )  # fmt: skip
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
 # Backward (docs/DESIGN.md 3.4): the op-shaped launchers of ``_backward.py``
 # --------------------------------------------------------------------------------------------
 
@@ -463,7 +543,15 @@ def _grad_kernels() -> streaming.Kernels:
     return streaming.Kernels(None, _row_dtype, grad_ops)
 
 
+@functools.cache
+def kernels() -> streaming.Kernels:
+    """The op-shaped kernels for compositions over stacked rows (``fot_kernels.crossbatch``):
+    ``ops.flash_scan`` above (forward), rows in the query's dtype, and the backward launchers.
+    Serves what ``unsupported_reasons("flash_scan", ...)`` accepts."""
+    return streaming.Kernels(SimpleNamespace(flash_scan=flash_scan), _row_dtype, _grad_kernels().grad_ops)
+
+
 __all__ = [
-    "NAME", "flash_scan_backward", "gather_attention_backward", "knn_topk", "memory_attention",
-    "unsupported_reasons",
+    "NAME", "flash_scan", "flash_scan_backward", "gather_attention_backward", "kernels", "knn_topk",
+    "memory_attention", "unsupported_reasons",
 ]

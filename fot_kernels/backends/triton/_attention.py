@@ -7,6 +7,9 @@ pairs of one kv head, as in the kNN scan. MEM_MODE selects the memory part:
 - 1: dense: every valid memory slot, tile by tile with ``tl.dot``, padding mask;
 - 2: kNN: the slots listed in IDX ([B, Hq, Lq, k] int64, -1 = none) are re-scored exactly (fp32
   products of the gathered keys) and their values gathered, one candidate per row per step.
+LOCAL_VALID (only with MEM_MODE 0: the op-shaped ``flash_scan`` of the launcher, causal with a
+validity): MLEN / MMASK (HAS_LEN / HAS_MASK) select the valid LOCAL keys, as they select the valid
+memory slots in MEM_MODE 1.
 In every part a candidate whose unscaled fp32 score is NaN or +-inf is dropped (docs/DESIGN.md 3.2), and
 the value row of a key with a NaN/inf element is never read (0 * inf would be NaN). See README.md
 beside this file for the invariants.
@@ -59,6 +62,7 @@ def _attn_fwd_kernel(
     HAS_LOCAL: tl.constexpr, CAUSAL: tl.constexpr, MEM_MODE: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     LOCAL_FP32: tl.constexpr, MEM_FP32: tl.constexpr, INTERPRET: tl.constexpr, OFF64: tl.constexpr,
+    LOCAL_VALID: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -86,9 +90,16 @@ def _attn_fwd_kernel(
         if CAUSAL:
             # last local key any row of the block may see: j <= i + Lk - Lq
             hi = tl.minimum(tl.maximum(tl.max(tl.where(row_ok, i, 0)) + Lk - Lq + 1, 0), Lk)
+        l_end = Lk
+        if LOCAL_VALID and HAS_LEN:  # the op-shaped flash_scan: MLEN bounds the valid local keys
+            l_end = tl.minimum(tl.load(MLEN + b).to(tl.int32), Lk)
+            hi = tl.minimum(hi, l_end)
         for n0 in range(0, hi, BN):
             offs_n = n0 + tl.arange(0, BN)  # [BN]
-            n_ok = offs_n < Lk
+            n_ok = offs_n < l_end
+            if LOCAL_VALID and HAS_MASK:
+                p_lmask = MMASK + b.to(tl.int64) * smask_b + offs_n * smask_m
+                n_ok = n_ok & (tl.load(p_lmask, mask=n_ok, other=0) != 0)
             p_kt = p_k + offs_n[None, :] * skl + offs_d[:, None]
             b_kt = tl.load(p_kt, mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
             b_s = tile_dot(b_q, b_kt, tl.zeros([BM, BN], tl.float32), LOCAL_FP32, INTERPRET)  # [BM, BN] unscaled

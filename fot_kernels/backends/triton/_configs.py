@@ -118,9 +118,10 @@ def shipped_knn_configs() -> list[tuple[int, int, int]]:
 
 
 def shipped_attn_configs() -> list[tuple[int, int, int, bool]]:
-    """(bd, n_rows, mem_mode, fp32) combinations that cover every AttnConfig the launcher can pick
-    (mem_mode 0, local only, runs the dense configuration without its memory loop)."""
-    return [(bd, rows, mode, fp32) for bd in (16, 32, 64, 128, 256) for rows in (1, 1024) for mode in (1, 2)
+    """(bd, n_rows, mem_mode, fp32) combinations that cover every AttnConfig the launchers can pick
+    (mem_mode 0, local only, runs the dense configuration without its memory loop; it is listed for
+    the op-shaped ``flash_scan``'s causal pass, which applies the validity to the local keys)."""
+    return [(bd, rows, mode, fp32) for bd in (16, 32, 64, 128, 256) for rows in (1, 1024) for mode in (0, 1, 2)
             for fp32 in (False, True) if attn_unserved_reason(bd, fp32) is None]  # fmt: skip
 
 
