@@ -28,7 +28,10 @@ Communication per rank and call is O(B * Hq * Lq * (k + D)), never proportional 
 Every data collective carries a status element: an error on one rank (bad input, a failed kernel)
 is raised on every rank with the failing rank's message (``ValueError``/``TypeError`` for bad
 input, else ``RuntimeError``), never a hang. Arguments that must agree but do not raise
-``ValueError`` on every rank.
+``ValueError`` on every rank. A step made of several calls with other code in between (one forward
+of a model with sharded memory layers) ends with :func:`synchronize_errors`, whose collective has
+the shape of every op's first one: a rank that failed between two ops sends its error there, and
+its peers, blocked in the next op or in their own end of step, raise it too.
 
 Gradients (docs/DESIGN.md 3.4): one autograd node per call. Its backward needs the loss to be the
 same on every rank (the normal case: the same model run on the same inputs everywhere) and
@@ -116,6 +119,16 @@ def _setup(op: str, group) -> _Call:
 # --------------------------------------------------------------------------------------------
 
 
+#: set (True) on the errors this module raises on every rank of a group at once (see synchronize_errors)
+RAISED_ON_EVERY_RANK = "fot_raised_on_every_rank"
+
+
+def _everywhere(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised on every rank of the group (by the same call)."""
+    setattr(error, RAISED_ON_EVERY_RANK, True)
+    return error
+
+
 def _raise_everywhere(call: _Call, exc: BaseException | None) -> None:
     """Every rank calls this once any rank has failed: gathers the failures and raises the one of
     the lowest failing rank, on every rank, with the same type (ValueError/TypeError for bad
@@ -131,8 +144,8 @@ def _raise_everywhere(call: _Call, exc: BaseException | None) -> None:
             kind, message = failure
             cls = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
             error = cls(f"fot_kernels.distributed.{call.op} failed on rank {rank} of {call.world}: {message}")
-            raise error from exc
-    raise RuntimeError(f"fot_kernels.distributed.{call.op}: a rank reported a failure but sent no message")
+            raise _everywhere(error) from exc
+    raise _everywhere(RuntimeError(f"fot_kernels.distributed.{call.op}: a rank reported a failure but sent no message"))
 
 
 class _Gather:
@@ -218,14 +231,21 @@ class _Agreement:
     def finish(self) -> None:
         call = self.call
         table = torch.stack(self.gather.finish()).cpu()  # [P, 1 + len(_FINGERPRINT)]
+        ended = table[:, 1] == _END_OF_STEP
+        if bool(ended.any()) and not bool(ended.all()):
+            raise _everywhere(ValueError(
+                f"fot_kernels.distributed.{call.op}: ranks {ended.nonzero().flatten().tolist()} of the group ended "
+                f"their step (synchronize_errors) while ranks {(~ended).nonzero().flatten().tolist()} called an op: "
+                "the ranks made different sequences of calls (inputs that differ between ranks?)"
+            ))  # fmt: skip
         for column, name in enumerate(_FINGERPRINT, start=1):
             values = table[:, column]
             if not bool((values == values[0]).all()):
                 got = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(values.tolist()))
-                raise ValueError(
+                raise _everywhere(ValueError(
                     f"fot_kernels.distributed.{call.op}: the {name} must be the same on every rank of the group, "
                     f"got {got}"
-                )  # fmt: skip
+                ))  # fmt: skip
         sizes = [int(s) for s in table[:, 0].tolist()]
         call.num_slots = sizes[call.rank]
         call.offset = sum(sizes[: call.rank])
@@ -552,6 +572,41 @@ def _attention(op, query, key, value, mem_keys, mem_values, topk, causal, softma
     return out.to(q.dtype), lse
 
 
+#: the batch-size entry of synchronize_errors' fingerprint (no op has a negative batch size)
+_END_OF_STEP = -1.0
+
+
+def synchronize_errors(error: BaseException | None = None, *, group: dist.ProcessGroup | None = None) -> None:
+    """End a step made of several calls of this module's ops (e.g. one forward of a model whose
+    memory layers run them) so that a failure on one rank becomes a failure on every rank, never
+    a hang. Collective: every rank of ``group`` calls it once per step, with the exception it
+    caught during the step (None if it succeeded).
+
+    - Every rank passed None: returns.
+    - ``error`` was raised by one of this module's calls on every rank at once (it carries the
+      attribute :data:`RAISED_ON_EVERY_RANK`; then every rank has it): re-raised at once,
+      nothing is communicated.
+    - Otherwise the error of the lowest failing rank is raised on every rank (``ValueError`` /
+      ``TypeError`` for bad input, else ``RuntimeError``, chained to ``error`` where it is local).
+
+    Its collective has the shape of the first collective of every op of this module, so a rank
+    that failed between two ops (e.g. in a model layer) releases its peers blocked in the next
+    op: they raise there. A rank that ends its step while its peers call an op (the ranks made
+    different sequences of calls) raises ``ValueError`` on every rank.
+    """
+    if error is not None and not isinstance(error, BaseException):
+        raise TypeError(f"error must be an exception or None, got {type(error).__name__}")
+    if error is not None and getattr(error, RAISED_ON_EVERY_RANK, False):
+        raise error
+    call = _setup("synchronize_errors", group)
+    if call.world == 1:
+        if error is not None:
+            raise error
+        return
+    fingerprint = [_END_OF_STEP] + [0.0] * (len(_FINGERPRINT) - 1)
+    _Agreement(call, error, None if error is not None else fingerprint, 0).finish()
+
+
 def memory_layer_attention(
     query: Tensor,
     key: Tensor,
@@ -624,4 +679,7 @@ def memory_layer_attention(
     return out.to(query.dtype)
 
 
-__all__ = ["bytes_sent", "knn_attention", "knn_topk", "memory_attention", "memory_layer_attention"]
+__all__ = [
+    "RAISED_ON_EVERY_RANK", "bytes_sent", "knn_attention", "knn_topk", "memory_attention", "memory_layer_attention",
+    "synchronize_errors",
+]  # fmt: skip

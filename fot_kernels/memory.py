@@ -21,11 +21,12 @@ runs while another thread appends writes a consistent snapshot (before or after 
 
 Files (format version 2): :meth:`MemoryStore.save` writes a safetensors file holding the filled
 part of each layer (``keys.L``, ``values.L``, ``valid.L``) and its ring state (``lengths.L``,
-``heads.L``), with a format tag, the geometry and a SHA-256 in the header metadata. The SHA-256
-covers every byte of the file (size prefix, header, tensors) except its own 64 hex digits, which
-are hashed as ``"0" * 64``. :meth:`MemoryStore.load` verifies the checksum, then the geometry
-against bounds and against the tensor shapes the header declares, then the ring state, and only
-then allocates; anything wrong raises :class:`MemoryFileError` (a ``ValueError``).
+``heads.L``), with a format tag, the geometry, optional caller entries (``save(metadata=)``, e.g.
+a sharded cache's rank; ``load`` returns them as ``file_metadata``) and a SHA-256 in the header
+metadata. The SHA-256 covers every byte of the file (size prefix, header, tensors) except its own
+64 hex digits, which are hashed as ``"0" * 64``. :meth:`MemoryStore.load` verifies the checksum,
+then the geometry against bounds and against the tensor shapes the header declares, then the ring
+state, and only then allocates; anything wrong raises :class:`MemoryFileError` (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ _ST_DTYPES = {
 _KINDS = ("keys", "values", "valid", "lengths", "heads")
 _GEOMETRY_FIELDS = ("layers", "batch_size", "num_kv_heads", "head_dim", "capacity", "dtype")
 _SHA_PLACEHOLDER = "0" * 64
+_RESERVED_METADATA = ("format", "format_version", "geometry", "sha256")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -237,6 +239,8 @@ class MemoryStore:
         self.capacity: int = g["capacity"]
         self.dtype: torch.dtype = g["dtype"]
         self.device = _parse_device(device)
+        #: the extra header metadata entries of the file this store was loaded from (:meth:`load`), else {}
+        self.file_metadata: dict[str, str] = {}
         self._lock = threading.RLock()
         shape = (self.batch_size, self.num_kv_heads, self.capacity, self.head_dim)
         self._keys = {layer: torch.zeros(shape, dtype=self.dtype, device=self.device) for layer in self.layers}
@@ -473,18 +477,34 @@ class MemoryStore:
                 tensors[f"heads.{layer}"] = torch.tensor(self._heads[layer], dtype=torch.int64)
         return geometry, tensors
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:
         """Write the filled part of the store to a safetensors file (exact, any dtype). The state
         is snapshotted under the store's lock; the file is written to a temporary name beside
-        ``path`` and renamed, so a reader never sees a partial file."""
+        ``path`` and renamed, so a reader never sees a partial file.
+
+        Args:
+            path: the file.
+            metadata: optional extra string entries for the header metadata (covered by the
+                checksum; :meth:`load` returns them as ``file_metadata``), e.g. a sharded cache's
+                rank; names other than the format's own (format, format_version, geometry, sha256).
+        """
         from safetensors.torch import save as serialize
 
         path = _fspath(path)
+        extra = {} if metadata is None else metadata
+        if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise TypeError(f"metadata must be a dict of str to str or None, got {extra!r}")
+        reserved = sorted(set(extra) & set(_RESERVED_METADATA))
+        if reserved:
+            raise ValueError(f"metadata must not use the format's own entries {reserved}")
+        if any(_SHA_PLACEHOLDER in text for item in extra.items() for text in item):
+            raise ValueError("metadata must not hold 64 zeros in a row (the checksum's placeholder in the header)")
         geometry, tensors = self._snapshot()
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "geometry": json.dumps(geometry),
+            **extra,
             "sha256": _SHA_PLACEHOLDER,
         }
         blob = bytearray(serialize(tensors, metadata=metadata))
@@ -514,10 +534,11 @@ class MemoryStore:
     ) -> MemoryStore:
         """Read a file written by :meth:`save` (format version 2).
 
-        Nothing is allocated before the file has been checked: checksum over the whole file, format
-        tag and version, geometry within bounds (and within ``max_bytes``), the tensors the header
-        declares against the geometry, the ring state (lengths, heads) against the capacity and
-        the tensors.
+        The extra header metadata entries that :meth:`save` wrote (``metadata=``) are returned
+        as the store's ``file_metadata``. Nothing is allocated before the file has been checked:
+        checksum over the whole file, format tag and version, geometry within bounds (and within
+        ``max_bytes``), the tensors the header declares against the geometry, the ring state
+        (lengths, heads) against the capacity and the tensors.
 
         Args:
             path: the file.
@@ -556,6 +577,8 @@ class MemoryStore:
                 store._valid[layer][:, :num].copy_(tensors[f"valid.{layer}"])
                 store._lengths[layer] = tensors[f"lengths.{layer}"].tolist()
                 store._heads[layer] = tensors[f"heads.{layer}"].tolist()
+        extra = {k: v for k, v in header["__metadata__"].items() if k not in _RESERVED_METADATA}
+        store.file_metadata = {k: v for k, v in extra.items() if isinstance(k, str) and isinstance(v, str)}
         return store
 
 

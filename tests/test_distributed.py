@@ -13,8 +13,6 @@ case and rank.
 
 from __future__ import annotations
 
-import os
-import queue as queue_module
 import time
 import traceback
 from datetime import timedelta
@@ -22,7 +20,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist import poison_empty, run_spawned
 
 # torch builds without torch.distributed (some macOS / Windows wheels) cannot run these tests
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
@@ -518,27 +516,11 @@ CASES = [
 # --------------------------------------------------------------------------------------------
 
 
-def _poison_empty() -> None:
-    """torch.empty / empty_like / new_empty return NaN-filled (float) or -7777 (int) tensors."""
-    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int16, torch.int32, torch.int64):
-            t.fill_(-7777)
-        return t
-
-    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(real_empty_like(*a, **k))
-    torch.Tensor.new_empty = lambda self, *a, **k: fill(real_new_empty(self, *a, **k))
-
-
 def _worker(rank: int, init_file: str, results) -> None:
     report = {}
     try:
         torch.set_num_threads(1)
-        _poison_empty()
+        poison_empty()
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
         groups = {}
@@ -569,48 +551,8 @@ def spawned(tmp_path_factory):
     from fot_kernels.backends import _cpu_ext
 
     _cpu_ext.load()  # build (or find) the C++ CPU kernels once here, not in WORLD children at once
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     init_file = str(tmp_path_factory.mktemp("dist") / "init")
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        procs = [ctx.Process(target=_worker, args=(r, init_file, results), daemon=True) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
-    reports = {}
-    deadline = time.monotonic() + DEADLINE_S
-    while len(reports) < WORLD and time.monotonic() < deadline:
-        try:
-            rank, report = results.get(timeout=1.0)
-            reports[rank] = report
-        except queue_module.Empty:
-            if all(not p.is_alive() for p in procs):
-                break  # every child is gone and the queue is drained
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    alive = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    missing = sorted(set(range(WORLD)) - set(reports))
-    if missing or alive:
-        codes = {r: p.exitcode for r, p in enumerate(procs)}
-        failed = "".join(f"\n--- rank {r}, {key}:\n{tb}" for r, rep in reports.items() for key, (tb, _) in rep.items()
-                         if tb is not None)  # fmt: skip
-        pytest.fail(f"ranks {missing} sent no report within {DEADLINE_S} s (hang or crash); still alive and "
-                    f"killed: {alive}; exit codes: {codes}; failures of the ranks that reported:"
-                    f"{failed[:20000]}")  # fmt: skip
-    for rank in range(WORLD):
-        error = reports[rank].get(("worker", ""))
-        if error is not None:
-            pytest.fail(f"rank {rank} failed outside the cases:\n{error[0]}")
+    reports = run_spawned(_worker, WORLD, init_file, DEADLINE_S)
     slowest = sorted(((t, key) for report in reports.values() for key, (_, t) in report.items()), reverse=True)
     print("slowest distributed cases (s):", [(round(t, 1), key) for t, key in slowest[:8]])
     return reports

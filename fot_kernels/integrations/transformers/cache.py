@@ -12,15 +12,47 @@ transformers calls :meth:`MemoryCache.update` for the local cache.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ...memory import MAX_DIM, MemoryStore, MemoryView, _index_list, _parse_device, _parse_dtype, _positive_int
+from ...memory import (
+    MAX_DIM,
+    MemoryFileError,
+    MemoryStore,
+    MemoryView,
+    _index_list,
+    _parse_device,
+    _parse_dtype,
+    _positive_int,
+)
 from ._hf import Cache, DynamicLayer
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+#: the header metadata entry of a memory file saved by a sharded cache (rank, world size, ...)
+SHARD_METADATA = "fot_shard"
+
+
+def check_process_group(group: object) -> tuple[int, int]:
+    """``(rank, world size)`` of this process in ``group`` (a torch.distributed ProcessGroup of
+    which this process is a member, in an initialised default group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group needs an initialised torch.distributed default process group")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of process_group")
+    return rank, dist.get_world_size(group)
 
 
 @dataclass(frozen=True)
@@ -87,12 +119,35 @@ class MemoryCache(Cache):
     the state of its batch rows: an input with another batch size is rejected (reorder it
     explicitly with :meth:`reorder_cache` / :meth:`batch_repeat_interleave`, or make a new one).
 
+    Sharded memory (``process_group`` of P ranks, docs/DESIGN.md 7): the same model runs the same
+    inputs on every rank, and each rank keeps 1/P of the memory. Slot-level round robin: the
+    memory slots a layer appends are numbered in append order over the cache's life (the
+    layer's *columns*, the same for every batch row); column g is kept on rank g mod P only.
+    ``capacity`` stays the GLOBAL number of slots per row and layer and must be a multiple of
+    P; each rank's store holds ``capacity / P`` slots with its own FIFO ring. Any ``capacity``
+    consecutive columns hold exactly ``capacity / P`` columns of each rank, so the slots that
+    the ranks keep together are exactly those an unsharded cache keeps (its newest
+    ``capacity`` slots per row, padding slots counted as in the unsharded store), per row
+    after partial resets as well. The memory layers' attention
+    (:func:`fot_kernels.distributed.memory_layer_attention`) reads this rank's share as its
+    shard: dense memory gives the unsharded result within rounding; kNN selects the same
+    slots, except among slots whose scores tie exactly at the k-th place: the distributed op
+    keeps the lower index in the concatenation of the shards in rank order, the unsharded
+    store the lower index in its ring (neither is chronological order), so such a tie may
+    keep another of the tied slots (a different result only where tied slots hold different
+    values; exact score ties between model keys are practically absent). Save/load per rank:
+    the file records the rank, the world size, the global capacity and the columns appended,
+    and a cache of another rank, world size, capacity or an unsharded cache refuses it.
+
     Args:
         num_layers: the model's number of decoder layers.
         memory_layers: indices of the memory layers (distinct, in ``[0, num_layers)``).
         window: local context window.
-        capacity: memory slots per row and layer (FIFO eviction beyond), >= window.
+        capacity: memory slots per row and layer (FIFO eviction beyond), >= window; with a
+            ``process_group``, over all its ranks together (a multiple of the group size).
         mem_dtype: memory storage dtype.
+        process_group: None (the whole memory here), or the torch.distributed ProcessGroup whose
+            ranks share the memory (this process must be a member).
     """
 
     def __init__(
@@ -103,6 +158,7 @@ class MemoryCache(Cache):
         window: int,
         capacity: int,
         mem_dtype: torch.dtype | str,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         num_layers = _positive_int("num_layers", num_layers, 1, MAX_DIM)
         if isinstance(memory_layers, (str, bytes)) or not isinstance(memory_layers, Sequence):
@@ -117,6 +173,15 @@ class MemoryCache(Cache):
         if self.capacity < self.window:
             raise ValueError(f"capacity ({capacity}) must be >= window ({window}): a window must fit in memory")
         self.mem_dtype = _parse_dtype(mem_dtype, "mem_dtype")
+        self.process_group = process_group
+        self.shard_rank, self.shard_world = (0, 1) if process_group is None else check_process_group(process_group)
+        if self.capacity % self.shard_world:
+            raise ValueError(
+                f"capacity ({capacity}) must be a multiple of the process group's size ({self.shard_world}): "
+                "each rank holds capacity / size slots"
+            )
+        self.shard_capacity = self.capacity // self.shard_world  # slots per row and layer in this rank's store
+        self._columns = dict.fromkeys(layers, 0)  # slots appended per layer over the cache's life (sharded)
         self.memory: MemoryStore | None = None  # allocated on the first append (batch size, heads, device)
         self.seen_tokens = 0
         self.local_positions: Tensor | None = None  # [B, Lc] absolute position ids of the local tokens
@@ -230,23 +295,45 @@ class MemoryCache(Cache):
                 batch_size=batch,
                 num_kv_heads=heads,
                 head_dim=dim,
-                capacity=self.capacity,
+                capacity=self.shard_capacity,
                 dtype=self.mem_dtype,
                 device=keys.device,
             )
         self._changed = True
+        if self.shard_world > 1:  # this rank's columns: g = start + j with g mod P == rank
+            start, world = self._columns[layer_idx], self.shard_world
+            self._columns[layer_idx] = start + keys.shape[2]
+            first = (self.shard_rank - start) % world
+            keys, values = keys[:, :, first::world], values[:, :, first::world]
+            valid = None if valid is None else valid[:, first::world]
         self.memory.append(layer_idx, keys, values, valid)
 
+    def _shard_metadata(self) -> dict:
+        return {
+            "rank": self.shard_rank,
+            "world_size": self.shard_world,
+            "capacity": self.capacity,
+            "columns": {str(layer): n for layer, n in self._columns.items()},
+        }
+
     def save_memory(self, path) -> None:
-        """Write the memory (not the local cache) with :meth:`MemoryStore.save`."""
+        """Write the memory (not the local cache) with :meth:`MemoryStore.save`; a sharded cache
+        writes this rank's store and, in the file's checksummed header, its rank, the group's
+        size, the global capacity and the columns appended per layer."""
         if self.memory is None:
             raise ValueError("the memory is empty: nothing has been appended yet")
-        self.memory.save(path)
+        if self.shard_world == 1:
+            self.memory.save(path)
+        else:
+            self.memory.save(path, metadata={SHARD_METADATA: json.dumps(self._shard_metadata())})
 
     def load_memory(self, path, *, device: torch.device | str | None = None) -> None:
         """Replace the memory by a file written by :meth:`save_memory`; its geometry must match this
-        cache (layers, capacity, dtype, and the batch size and heads of the state it holds)."""
-        expect = {"layers": list(self.memory_layers), "capacity": self.capacity, "dtype": self.mem_dtype}
+        cache (layers, capacity, dtype, and the batch size and heads of the state it holds). A
+        sharded cache loads the file its own rank saved: a file of another rank, group size or
+        global capacity, or an unsharded file, raises :class:`fot_kernels.memory.MemoryFileError`
+        (and an unsharded cache refuses a rank's file)."""
+        expect = {"layers": list(self.memory_layers), "capacity": self.shard_capacity, "dtype": self.mem_dtype}
         if self.batch_rows:
             expect["batch_size"] = self.batch_rows
         if self.memory is not None:
@@ -254,7 +341,57 @@ class MemoryCache(Cache):
         if device is None:
             device = self.memory.device if self.memory is not None else "cpu"
             device = self.local_positions.device if self.local_positions is not None else device
-        self.memory = MemoryStore.load(path, device=_parse_device(device), expect=expect)
+        try:
+            store = MemoryStore.load(path, device=_parse_device(device), expect=expect)
+        except MemoryFileError as exc:
+            if "capacity: file has" not in str(exc):
+                raise
+            hint = (
+                f"this cache is rank {self.shard_rank} of {self.shard_world} of a sharded memory of capacity "
+                f"{self.capacity}: each rank's file holds capacity / {self.shard_world} slots; load the file this "
+                "rank saved"
+                if self.shard_world > 1
+                else "a sharded cache's file (one rank's share: capacity / group size slots) loads only in the "
+                "sharded cache of that rank"
+            )
+            raise MemoryFileError(f"{exc} ({hint})") from exc
+        columns = self._check_shard_entry(path, store.file_metadata.get(SHARD_METADATA))
+        self.memory = store
+        if columns is not None:
+            self._columns = columns
+
+    def _check_shard_entry(self, path, raw: str | None) -> dict[int, int] | None:
+        """The columns per layer a sharded cache's file records (None for an unsharded cache),
+        after checking the file's shard entry ``raw`` (None: none) against this cache."""
+        if self.shard_world == 1:
+            if raw is not None:
+                raise MemoryFileError(
+                    f"{path}: the file holds one rank's share of a sharded memory ({raw}); this cache is not "
+                    "sharded (pass the same process_group to enable_memory)"
+                )
+            return None
+        if raw is None:
+            raise MemoryFileError(
+                f"{path}: the file holds an unsharded memory; this cache is rank {self.shard_rank} of "
+                f"{self.shard_world} (load it on each rank from the file that rank saved)"
+            )
+        want = self._shard_metadata()
+        try:
+            shard = json.loads(raw)
+            got = {key: shard[key] for key in ("rank", "world_size", "capacity", "columns")}
+            columns = {int(layer): n for layer, n in got["columns"].items()}
+            ok = sorted(columns) == sorted(self.memory_layers) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in columns.values()
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MemoryFileError(f"{path}: bad {SHARD_METADATA} entry in the header ({exc})") from exc
+        if not ok:
+            raise MemoryFileError(f"{path}: bad columns in the {SHARD_METADATA} entry: {got['columns']!r}")
+        diffs = [f"{k}: file has {got[k]}, expected {want[k]}" for k in ("rank", "world_size", "capacity")]
+        diffs = [d for d, k in zip(diffs, ("rank", "world_size", "capacity")) if got[k] != want[k]]
+        if diffs:
+            raise MemoryFileError(f"{path}: the memory shard does not match this cache: " + "; ".join(diffs))
+        return columns
 
     # ---- windows (used by the patched forward, the attention function and the key hook) ---------
 
@@ -359,4 +496,4 @@ class MemoryCache(Cache):
             self._append_memory(layer_idx, self._captured(layer_idx), values, plan.valid)
 
 
-__all__ = ["MemoryCache", "WindowPlan"]
+__all__ = ["SHARD_METADATA", "MemoryCache", "WindowPlan", "check_process_group"]

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -13,11 +15,14 @@ from torch import Tensor, nn
 from ...memory import MAX_DIM, _parse_dtype, _positive_int
 from ...nn import _check_backend, _check_topk, memory_layer_attention
 from . import attention
-from .cache import MemoryCache
+from .cache import MemoryCache, check_process_group
 from .forward import bind_forward
 from .models import add_unrotated_key_hooks, check_memory_layers, check_model, sliding_window
 
 #: the attribute of a memory-enabled model that holds its :class:`MemoryIntegration`
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 STATE_ATTR = "fot_memory"
 #: the attribute of a model in CrossBatch training mode (:mod:`.crossbatch`); the two modes exclude each other
 CROSSBATCH_ATTR = "fot_crossbatch"
@@ -31,9 +36,12 @@ class MemoryIntegration:
         memory_layers, topk, capacity, window, last_context_length, mem_dtype, backend: the
             settings :func:`enable_memory` resolved.
         num_layers: the model's number of decoder layers.
+        process_group: None, or the torch.distributed ProcessGroup whose ranks share the memory.
         memory_attention: the memory layers' attention, with
             :func:`fot_kernels.nn.memory_layer_attention`'s signature; replaceable, e.g. to run a
             baseline (the LongLLaMA-style plain-PyTorch one in benchmarks/) on the same model.
+            With a ``process_group``: :func:`fot_kernels.distributed.memory_layer_attention`
+            with ``group=process_group``.
     """
 
     def __init__(
@@ -47,12 +55,18 @@ class MemoryIntegration:
         last_context_length: int,
         mem_dtype: torch.dtype,
         backend: str,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         self.num_layers = num_layers
         self.memory_layers = memory_layers
         self.topk, self.capacity, self.window = topk, capacity, window
         self.last_context_length, self.mem_dtype, self.backend = last_context_length, mem_dtype, backend
+        self.process_group = process_group
         self.memory_attention = memory_layer_attention
+        if process_group is not None:
+            from ... import distributed
+
+            self.memory_attention = functools.partial(distributed.memory_layer_attention, group=process_group)
         self._active: MemoryCache | None = None  # the cache of the window being processed
         self._hooks: list = []
         self._previous_attn: str | None = None
@@ -61,7 +75,12 @@ class MemoryIntegration:
     def new_cache(self) -> MemoryCache:
         """An empty :class:`MemoryCache` for this model (e.g. to keep memory across calls)."""
         return MemoryCache(
-            self.num_layers, self.memory_layers, window=self.window, capacity=self.capacity, mem_dtype=self.mem_dtype
+            self.num_layers,
+            self.memory_layers,
+            window=self.window,
+            capacity=self.capacity,
+            mem_dtype=self.mem_dtype,
+            process_group=self.process_group,
         )
 
     @contextmanager
@@ -101,11 +120,18 @@ class MemoryIntegration:
         if self._active is not None:
             self._active.capture_unrotated_keys(layer_idx, keys)
 
+    def _group_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.process_group)
+
     def __repr__(self) -> str:
         return (
             f"MemoryIntegration(memory_layers={list(self.memory_layers)}, topk={self.topk}, capacity={self.capacity}, "
             f"window={self.window}, last_context_length={self.last_context_length}, mem_dtype={self.mem_dtype}, "
-            f"backend={self.backend!r})"
+            f"backend={self.backend!r}"
+            + ("" if self.process_group is None else f", process_group of {self._group_size()} ranks")
+            + ")"
         )
 
 
@@ -119,6 +145,7 @@ def enable_memory(
     window: int | None = None,
     mem_dtype: torch.dtype | str | None = None,
     backend: str = "auto",
+    process_group: ProcessGroup | None = None,
 ) -> MemoryIntegration:
     """Give a Llama, Mistral or Qwen2 causal LM instance LongLLaMA's memory inference (reverse: :func:`disable_memory`).
 
@@ -139,6 +166,16 @@ def enable_memory(
         window: context window (default ``config.max_position_embeddings``, as LongLLaMA).
         mem_dtype: memory storage dtype (default: ``config.mem_dtype``, else the model's dtype).
         backend: ``"auto"`` or a ``fot_kernels`` backend name for the memory layers.
+        process_group: None, or a torch.distributed ProcessGroup of P ranks that share the memory
+            (docs/DESIGN.md 7; this process must be a member): run the same model on the same
+            inputs on every rank (e.g. under torchrun); each rank keeps 1/P of the memory slots
+            (:class:`MemoryCache` says which) and the memory layers run
+            :func:`fot_kernels.distributed.memory_layer_attention`, so every rank computes what
+            one process with the whole memory computes (within rounding; kNN ties: see
+            :class:`MemoryCache`). ``capacity`` stays the global number of slots and must be a
+            multiple of P. Every forward ends with one small collective
+            (:func:`fot_kernels.distributed.synchronize_errors`): an error on one rank is raised
+            on every rank, never a hang.
 
     Returns:
         the :class:`MemoryIntegration`, also at ``model.fot_memory`` (``.new_cache()`` makes a
@@ -178,6 +215,13 @@ def enable_memory(
         mem_dtype = getattr(config, "mem_dtype", None) or model.dtype
     mem_dtype = _parse_dtype(mem_dtype, "mem_dtype")
     backend = _check_backend(backend)
+    if process_group is not None:
+        _, world = check_process_group(process_group)
+        if capacity % world:
+            raise ValueError(
+                f"capacity ({capacity}) must be a multiple of the process group's size ({world}): capacity is the "
+                "global number of memory slots, each rank holds capacity / size"
+            )
     if getattr(config, "mem_positionals", True) is False:
         raise ValueError("mem_positionals=False (memory layers without RoPE) is not supported")
     if getattr(config, "mem_attention_grouping", None) is not None:
@@ -193,6 +237,7 @@ def enable_memory(
         last_context_length=last_context_length,
         mem_dtype=mem_dtype,
         backend=backend,
+        process_group=process_group,
     )
     state.attach(model)
     return state

@@ -26,6 +26,11 @@ def resolve_cache(state: MemoryIntegration, cache: object, batch: int) -> Memory
     and holding the state of ``batch`` rows, or none yet), or a new one when none or an empty
     transformers cache (e.g. the ``DynamicCache`` ``generate`` makes) is given."""
     if isinstance(cache, MemoryCache):
+        if cache.process_group is not state.process_group:
+            raise ValueError(
+                "this MemoryCache was made for another process group than the model's (make it with "
+                "model.fot_memory.new_cache())"
+            )
         if cache.memory_layers != state.memory_layers or cache.window != state.window:
             raise ValueError(
                 f"this MemoryCache was made for memory_layers={list(cache.memory_layers)}, window={cache.window}; "
@@ -87,7 +92,33 @@ def make_forward(state: MemoryIntegration):
         logits_to_keep: int | Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """LongLLaMA input handling around the stock decoder (fot_kernels.integrations.transformers)."""
+        """LongLLaMA input handling around the stock decoder (fot_kernels.integrations.transformers).
+        With a process group, an error on one rank is raised on every rank (never a hang)."""
+        args = (self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache, logits_to_keep)
+        if state.process_group is None:
+            return windowed_forward(*args, **kwargs)
+        from ... import distributed
+
+        try:
+            out = windowed_forward(*args, **kwargs)
+        except Exception as exc:
+            distributed.synchronize_errors(exc, group=state.process_group)  # raises on every rank
+            raise  # not reached: synchronize_errors raises
+        distributed.synchronize_errors(None, group=state.process_group)
+        return out
+
+    def windowed_forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         if "past_key_values" in kwargs:
             legacy = kwargs.pop("past_key_values")
             cache = legacy if cache is None else cache
