@@ -43,9 +43,14 @@ TOTAL = "total"  # lap name of a whole call
 
 #: ``--mode`` of the benchmark scripts -> the CSV ``mode`` column (Liger-Kernel's names). ``fwd``:
 #: the forward pass; ``bwd``: the backward pass alone (its forward runs untimed in the same call,
-#: see :data:`RESTART`); ``fwdbwd``: forward + backward. A script lists the modes it implements in
-#: :func:`add_mode_argument` (bench_gpu.py: fwd only so far; bench_cpu.py: all three).
+#: see :data:`RESTART`; timers of whole calls use :func:`retained_backward` instead); ``fwdbwd``:
+#: forward + backward. A script lists the modes it implements in :func:`add_mode_argument`
+#: (bench_cpu.py and bench_gpu.py: all three).
 MODES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "full"}
+#: flops of a mode as a multiple of the forward's, FlashAttention-2's convention for attention: the
+#: backward runs 5 matmuls of the forward's size (recomputed scores, dP, dV, dQ, dK) against the
+#: forward's 2, so bwd = 2.5 x fwd and fwdbwd = 3.5 x fwd (the recomputation counts as work done)
+FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 #: lap name that restarts a call's clock (:func:`_timed_call`): what ran before it is not timed
 RESTART = "restart"
 
@@ -77,9 +82,7 @@ def timed_fn(mode: str, forward: Callable[[], object], inputs: Sequence = (), gr
         raise ValueError(f"benchmark mode {mode!r} is not implemented (implemented: {', '.join(MODES)})")
     import torch
 
-    inputs = tuple(inputs)
-    if not inputs or not all(t.requires_grad for t in inputs):
-        raise ValueError(f"mode {mode!r} needs input tensors that require grad")
+    inputs = _requiring_grad(inputs, f"mode {mode!r}")
 
     def call(restart: Callable[[], None] | None = None) -> tuple[object, tuple]:
         out = forward()
@@ -89,6 +92,31 @@ def timed_fn(mode: str, forward: Callable[[], object], inputs: Sequence = (), gr
         return out.detach(), grads
 
     return call
+
+
+def retained_backward(forward: Callable[[], object], inputs: Sequence, grad_out) -> Callable[[], tuple]:
+    """The backward alone, for timers that time whole calls (``triton.testing.do_bench``), where
+    :func:`timed_fn`'s clock restart cannot apply: runs ``forward()`` once now (its graph kept), and
+    returns ``call() -> grads``, the gradients of ``sum(out * grad_out)`` w.r.t. ``inputs``
+    (tensors that require grad) by ``torch.autograd.grad(..., retain_graph=True)`` on that one
+    graph, as FlashAttention's and Triton's attention benchmarks time backward passes. The graph
+    lives as long as the returned callable."""
+    import torch
+
+    inputs = _requiring_grad(inputs, "retained_backward")
+    out = forward()
+
+    def call() -> tuple:
+        return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+
+    return call
+
+
+def _requiring_grad(inputs: Sequence, what: str) -> tuple:
+    inputs = tuple(inputs)
+    if not inputs or not all(t.requires_grad for t in inputs):
+        raise ValueError(f"{what} needs input tensors that require grad")
+    return inputs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,18 +9,24 @@ is valid unless a function takes ``mem_valid`` (bool ``[B, M]``).
 
 - :func:`sdpa_concat`: what a user writes today, torch SDPA over ``cat([memory, local])`` with a
   bool mask; :func:`sdpa_concat_inputs` + :func:`sdpa` are its two halves, so that a benchmark
-  can time the SDPA call alone, on a concatenation made outside the timing.
+  can time the SDPA call alone, on a concatenation made outside the timing;
+  :func:`sdpa_flash_serves` says whether torch's flash kernel serves a call.
 - :func:`longllama_attention`: the dense (or top-k thresholded) computation of the released
   LongLLaMA code, scores materialised per (heads, queries) group.
 - :func:`chunked_topk`: the plain chunked top-k loop; :func:`attend_selected`: the joint softmax
   over [local causal | given memory slots]; together the unfused kNN memory attention.
 - :func:`score_product`: ``q @ K^T`` alone (the throughput ceiling of the score product).
-- :func:`grouped_rows` / :func:`ungrouped`, :func:`chunk_for`, :func:`longllama_grouping`: helpers.
+- :func:`grouped_rows` / :func:`ungrouped`, :func:`chunk_for`, :func:`longllama_grouping`,
+  :func:`longllama_saved_bytes`, :func:`sdpa_concat_bytes`: helpers.
+
+Every attention baseline is differentiable (plain PyTorch under autograd: the benchmarks' bwd and
+fwdbwd modes time them so, SDPA's backward being torch's own kernel, flash where torch picks it).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +136,14 @@ def longllama_grouping(
     query_chunk = max(1, min(len_q, int((budget - per_head_values) // per_row_scores)))
     head_chunk = max(1, min(q_heads, int(budget // (per_head_values + query_chunk * per_row_scores))))
     return head_chunk, query_chunk
+
+
+def longllama_saved_bytes(batch: int, q_heads: int, len_q: int, keys: int, itemsize: int) -> int:
+    """About the bytes :func:`longllama_attention` keeps for its backward under autograd, whatever
+    the grouping (every group's tensors stay saved until the backward): per score entry (B * Hq *
+    Lq * ``keys`` of them, keys = Lk + M) the fp32 softmax and, in the query's dtype of ``itemsize``
+    bytes, the product, the clamped scores and the probabilities."""
+    return batch * q_heads * len_q * keys * (4 + 3 * itemsize)
 
 
 def longllama_attention(
@@ -263,6 +277,25 @@ def sdpa(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, *, sc
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(query, _repeat_heads(keys, g), _repeat_heads(values, g), attn_mask=mask,
                                           scale=scale)  # fmt: skip
+
+
+def sdpa_flash_serves(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> bool | None:
+    """Whether torch's flash-attention SDPA kernel accepts these inputs (dtype, head dim, mask,
+    GQA, device, and the backward's limits when they require grad), which torch then picks first:
+    :func:`sdpa` tried with that kernel alone on one query row and key. None: torch < 2.3 cannot
+    say."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    row_mask = None if mask is None else mask[..., :1, :1]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns why flash is not served
+        try:
+            sdpa(query[:, :, :1], keys[:, :, :1], values[:, :, :1], row_mask)
+        except RuntimeError:
+            return False
+    return True
 
 
 def sdpa_concat(

@@ -14,23 +14,44 @@ One run on one CUDA device, bf16, per point (D in --dim, Lq in --lq, M in --m, k
   to fit --score-gib); ``sdpa_concat`` (what a user writes today: torch SDPA over cat([memory,
   local]), the concatenation made per call; torch picks the SDPA kernel, flash where it can) and
   ``sdpa_call_only`` (the same SDPA call on a concatenation made outside the timing), where the
-  concatenation fits. TFLOP/s = 4 * B * Hq * Lq * (Lk + M) * D / t.
+  concatenation fits. TFLOP/s = 4 * B * Hq * Lq * (Lk + M) * D / t (forward; see --mode below).
+  Per backend a ``ratio_to_sdpa`` row: sdpa_call_only time / backend time (in --mode bwd /
+  fwdbwd, its CSV mode "backward" row is the backward goal: >= 0.5).
 - decode (Lq = 1): bandwidth of every backend (bytes of memory it must read once: the keys, plus
   the values in dense mode, / t) and ``bandwidth_ratio_to_copy`` rows against ``d2d_copy_keys``, a
   device-to-device copy of the keys measured in the same run ((read + written bytes) / t; goal
   >= 0.7).
 
-The PyTorch baselines are shared with the other benchmarks: benchmarks/baselines.py. --mode fwd
-times forward calls; bwd and fwdbwd (_common.MODES, as in bench_cpu.py) come with the GPU backward
-kernels (the GPU backends refuse inputs that require grad until then).
+The PyTorch baselines are shared with the other benchmarks: benchmarks/baselines.py.
+
+--mode (_common.MODES; the CSV mode column): ``fwd`` (default) times forward calls. ``bwd`` and
+``fwdbwd`` make every input (q, local k and v, mem_k, mem_v) a leaf that requires grad and time
+the gradients of sum(out * grad_out) w.r.t. all five (``torch.autograd.grad``, a fixed random
+grad_out) of ``knn_attention`` and ``dense_attention``: the GPU backends' fused backward kernels
+(``memory_attention`` is differentiable on both), and the baselines under autograd: torch_unfused
+(kNN), torch_longllama (where what it saves for its backward, ``baselines.longllama_saved_bytes``,
+fits in 90% of the free memory), sdpa_concat (SDPA's own backward, flash where torch picks it, plus
+the concatenation's backward) and sdpa_call_only (the gradients w.r.t. the query and the
+concatenations, made outside the timing as leaves: the SDPA backward alone). ``bwd`` times the
+backward alone, on one retained graph (``_common.retained_backward``: the forward runs once,
+untimed; do_bench then times ``autograd.grad(..., retain_graph=True)``), CSV mode "backward";
+``fwdbwd`` times forward + backward per call (``_common.timed_fn``, CSV mode "full") and then the
+backward alone as in bwd, so that one run gives both. knn_topk (no gradients) and the forward-only
+baselines (cublas_bf16_matmul, d2d_copy_keys) are skipped then, and there are no bandwidth rows.
+Throughput of dense attention by FlashAttention-2's convention, ``_common.FLOPS_FACTOR``: backward
+= 2.5 x and forward + backward = 3.5 x the forward's 4 * B * Hq * Lq * (Lk + M) * D (the backward's
+5 matmuls against the forward's 2, its recomputation of the scores counted as work); kNN attention
+gets TFLOP/s (of its scoring product) in fwd only (its backward works on the k selected slots).
 
 GPU backends: ``triton`` (``fot_kernels.backends.triton``) and ``cuda``
 (``fot_kernels.backends.cuda``, only when its extension is built: ``extension_status()`` is None;
 else the reason is printed). A backend is timed only where its ``unsupported_reasons`` accepts the
 inputs, as the public ops' dispatch would ask (the benchmark calls the backend modules directly);
 elsewhere the reason is printed and the point skipped for it. Before timing, every backend passes
-a correctness gate (small shapes against the float64 reference, every mode benchmarked); a backend
-failing it is left out of the timings, its failures are printed, and the run exits with status 1.
+a correctness gate (small shapes against the float64 reference, every mode of the --kernels
+benchmarked; in bwd / fwdbwd also the gradients w.r.t. every input, against the float64
+reference's autograd, ``fot_kernels.testing.assert_close_to_reference``); a backend failing it is
+left out of the timings, its failures are printed, and the run exits with status 1.
 Points whose memory keys and values exceed the budget (--max-gib, default 60% of the GPU) are
 skipped; each baseline chunks the memory so that one chunk's score block stays under --score-gib
 and only one chunk's output is alive at a time.
@@ -58,12 +79,15 @@ These numbers mean nothing; only the exit status, the gates and the files do.
     python benchmarks/bench_gpu.py --out benchmarks/results/h100                 # full sweep
     python benchmarks/bench_gpu.py --out /tmp/b --quick                           # short GPU run
     python benchmarks/bench_gpu.py --out /tmp/b --providers cuda cublas_bf16_matmul d2d_copy_keys --lq 1
+    python benchmarks/bench_gpu.py --out /tmp/b --mode fwdbwd --kernels dense_attention knn_attention \
+        --m 16k 64k --lq 2048 --dim 128 --heads 8                                  # backward goal (gpu_check.sh)
     python benchmarks/bench_gpu.py --out /tmp/b --device cpu --m 256 --lq 1 20 --dim 64 --k 8 --heads 2  # CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -88,6 +112,9 @@ CPU_REPEATS = 3
 #: smaller (the Triton interpreter takes ~30 s per kNN call at M=5000), yet still has several key
 #: tiles, the last one partial, and 18 query rows per kv head (more than the decode tiles' 16).
 GATE_SHAPE = {"cuda": (33, 40, 5000), "cpu": (9, 12, 300)}
+#: what each --mode times, in order (_common.MODES names; the CSV mode column): fwdbwd times the
+#: backward alone too, so that one run gives the full step and the backward goal's rows
+PHASES = {"fwd": ("fwd",), "bwd": ("bwd",), "fwdbwd": ("fwdbwd", "bwd")}
 #: CSV columns: the shared schema plus the GPU toolchain
 CSV_FIELDS = (*C.CSV_FIELDS, "triton_version", "cuda_version")
 
@@ -121,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, help="query heads Hq (default 32; quick 8)")
     p.add_argument("--kv-heads", type=int, help="key/value heads Hkv (default: Hq)")
     p.add_argument("--local", type=int, help="local keys Lk of dense_attention (default: Lq)")
-    C.add_mode_argument(p)
+    C.add_mode_argument(p, tuple(C.MODES))
     p.add_argument("--chunk", type=C.parse_size, default=C.parse_size("64k"),
                    help="memory chunk of the unfused kNN baselines (default 64k; capped by --score-gib)")  # fmt: skip
     p.add_argument("--score-gib", type=float, default=4.0,
@@ -190,10 +217,11 @@ def device_memory(device: str) -> int:
 # ---------------------------------------------------------------------------- backends and gate
 
 
-def gpu_backends(names, device: str) -> tuple[dict, dict[str, str]]:
+def gpu_backends(names, device: str, needs_grad: bool = False) -> tuple[dict, dict[str, str]]:
     """({name: module} of the usable GPU backends among ``names``, {name: why not} of the others).
     Usable: the module imports and its ``unsupported_reasons`` accepts bf16 tensors on ``device``
-    (for cuda, this includes ``extension_status()``: fot_kernels._C is built and loads)."""
+    (for cuda, this includes ``extension_status()``: fot_kernels._C is built and loads), and with
+    ``needs_grad`` (--mode bwd / fwdbwd) inputs that require grad (cuda: its backward kernels)."""
     import torch
 
     from fot_kernels import backends
@@ -204,7 +232,8 @@ def gpu_backends(names, device: str) -> tuple[dict, dict[str, str]]:
         mod, why = backends.load(name)
         if mod is not None:
             why = "; ".join(mod.unsupported_reasons("memory_attention", probe, probe, key=probe, value=probe,
-                                                    mem_values=probe, topk=32)) or None  # fmt: skip
+                                                    mem_values=probe, topk=32,
+                                                    needs_grad=needs_grad)) or None  # fmt: skip
         if why is None:
             table[name] = mod
         else:
@@ -212,17 +241,24 @@ def gpu_backends(names, device: str) -> tuple[dict, dict[str, str]]:
     return table, unavailable
 
 
-def correctness_gate(backend, device: str) -> tuple[int, list[str]]:
-    """Check one backend module against the float64 reference at small shapes, in every mode the
-    benchmark times (knn_topk; memory_attention dense/kNN, with a causal or non-causal local part,
-    and kNN without local part). Returns (cases run, failures); any exception is a failure."""
+#: the inputs of memory_attention, in its argument order (gradient names: "d" + name)
+ATTN_INPUTS = ("q", "k", "v", "mem_k", "mem_v")
+
+
+def correctness_gate(backend, device: str, grads: bool = False, kernels=KERNELS) -> tuple[int, list[str]]:
+    """Check one backend module against the float64 reference at small shapes (:data:`GATE_SHAPE`,
+    D in {100, 128} bf16 and D=64 fp32), in every mode the benchmark times for ``kernels``:
+    knn_topk (k=32); knn_attention: memory_attention kNN (k=32) with a causal local part and
+    without local part; dense_attention: memory_attention dense with a causal and with a non-causal
+    local part. ``grads`` (--mode bwd / fwdbwd): memory_attention runs under autograd and the
+    gradients of sum(out * grad_out) w.r.t. every input are checked too, against the reference's
+    autograd in float64 (and in the inputs' dtype, for the tolerance: the 2x rule of
+    ``assert_close_to_reference``); knn_topk, forward-only, is not timed then nor checked. Returns
+    (cases run, failures); any exception is a failure."""
     import torch
 
     from fot_kernels.backends import reference as R
     from fot_kernels.testing import assert_close_to_reference, check_knn
-
-    def dbl(t):
-        return None if t is None else t.double()
 
     lq, lk, m = GATE_SHAPE[device]
     cases, failures = 0, []
@@ -233,34 +269,58 @@ def correctness_gate(backend, device: str) -> tuple[int, list[str]]:
         v = torch.randn_like(k)
         mk = torch.randn(1, 2, m, d, device=device).to(dtype)
         mv = torch.randn_like(mk)
+        grad_out = torch.randn_like(q) if grads else None
         scale = d**-0.5
         tag = f"{backend.NAME} D={d} {str(dtype).replace('torch.', '')}"
-        cases += 1
-        try:
-            s, i = backend.knn_topk(q, mk, 32, mem_lengths=None, mem_mask=None)
-            synchronize(device)
-            check_knn(s, i, q, mk, 32)
-        except Exception as exc:  # a crash is a failed check too
-            failures.append(f"{tag} knn_topk k=32: {type(exc).__name__}: {exc}")
-        for mode, key, value, topk, causal in (
-            ("dense, causal local", k, v, None, True),
-            ("dense, non-causal local", k, v, None, False),
-            ("kNN k=32, causal local", k, v, 32, True),
-            ("kNN k=32, no local", None, None, 32, False),
-        ):
+        if "knn_topk" in kernels and not grads:
             cases += 1
             try:
-                out, lse = backend.memory_attention(q, key, value, mk, mv, topk=topk, causal=causal,
-                                                    softmax_scale=scale, mem_lengths=None, mem_mask=None)  # fmt: skip
+                s, i = backend.knn_topk(q, mk, 32, mem_lengths=None, mem_mask=None)
                 synchronize(device)
-                kw = dict(topk=topk, causal=causal, softmax_scale=scale)
-                hi = R.memory_attention(q.double(), dbl(key), dbl(value), mk.double(), mv.double(), **kw)
-                lo = R.memory_attention(q, key, value, mk, mv, **kw)
-                assert_close_to_reference(out, hi[0], lo[0], name=f"{tag} memory_attention {mode}: out")
-                assert_close_to_reference(lse, hi[1], lo[1].float(), name=f"{tag} memory_attention {mode}: lse")
+                check_knn(s, i, q, mk, 32)
+            except Exception as exc:  # a crash is a failed check too
+                failures.append(f"{tag} knn_topk k=32: {type(exc).__name__}: {exc}")
+        for kernel, mode, key, value, topk, causal in (
+            ("dense_attention", "dense, causal local", k, v, None, True),
+            ("dense_attention", "dense, non-causal local", k, v, None, False),
+            ("knn_attention", "kNN k=32, causal local", k, v, 32, True),
+            ("knn_attention", "kNN k=32, no local", None, None, 32, False),
+        ):
+            if kernel not in kernels:
+                continue
+            cases += 1
+            inputs = dict(zip(ATTN_INPUTS, (q, key, value, mk, mv)))
+            kw = dict(topk=topk, causal=causal, softmax_scale=scale)
+            try:
+                out, lse, dx = _attention(backend.memory_attention, inputs, grad_out, None, mem_lengths=None,
+                                          mem_mask=None, **kw)  # fmt: skip
+                synchronize(device)
+                hi = _attention(R.memory_attention, inputs, grad_out, torch.float64, **kw)
+                lo = _attention(R.memory_attention, inputs, grad_out, None, **kw)
+                what = f"{tag} memory_attention {mode}"
+                assert_close_to_reference(out, hi[0], lo[0], name=f"{what}: out")
+                assert_close_to_reference(lse, hi[1], lo[1].float(), name=f"{what}: lse")
+                for name in dx:
+                    assert_close_to_reference(dx[name], hi[2][name], lo[2][name], name=f"{what}: d{name}")
             except Exception as exc:  # likewise
                 failures.append(f"{tag} memory_attention {mode}: {type(exc).__name__}: {exc}")
     return cases, failures
+
+
+def _attention(fn, inputs: dict, grad_out, dtype, **kw) -> tuple:
+    """(out, lse, {input name: gradient}) of ``fn(q, k, v, mem_k, mem_v, **kw)`` on copies of the
+    ``inputs`` (None: absent) cast to ``dtype`` (None: as they are); with ``grad_out``, the copies
+    require grad and the gradients are those of sum(out * grad_out), else there are none."""
+    import torch
+
+    grads = grad_out is not None
+    xs = {n: None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(grads) for n, t in inputs.items()}
+    out, lse = fn(*xs.values(), **kw)
+    if not grads:
+        return out, lse, {}
+    leaves = {n: t for n, t in xs.items() if t is not None}
+    dx = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+    return out.detach(), lse.detach(), dict(zip(leaves, dx))
 
 
 # ---------------------------------------------------------------------------------- the harness
@@ -314,49 +374,63 @@ class Runner:
         self.rows: list[dict] = []
         self.errors: list[str] = []  # backends that raised while timed
 
-    def row(self, kernel: str, provider: str, cfg: dict, metric: str, unit: str, med: float, p20: float, p80: float):
-        self.rows.append(C.csv_row(self.info, cfg, kernel=kernel, provider=provider, mode=C.MODES[self.mode],
+    def row(self, kernel: str, provider: str, cfg: dict, metric: str, unit: str, med: float, p20: float, p80: float,
+            phase: str = "fwd"):  # fmt: skip
+        self.rows.append(C.csv_row(self.info, cfg, kernel=kernel, provider=provider, mode=C.MODES[phase],
                                    metric=metric, unit=unit, x_name="M", x_value=cfg["M"], median=med, p20=p20,
                                    p80=p80, check=self.checks.get(provider, "")))  # fmt: skip
 
-    def run(self, kernel: str, provider: str, fn: Callable[[], object], cfg: dict, *, flops=None, nbytes=None):
-        """Time fn; rows: time (ms), peak_memory (MiB), throughput (TFLOP/s) when flops is given,
-        bandwidth (GB/s) when nbytes is given. Returns the median ms, or None if it failed."""
+    def run(self, kernel: str, provider: str, fn: Callable[[], object], cfg: dict, *, inputs=(), grad_out=None,
+            flops: dict[str, float] | None = None, nbytes=None) -> dict[str, float]:  # fmt: skip
+        """Time ``fn`` (a forward call) in each phase of the mode (:data:`PHASES`): fwd the call;
+        fwdbwd the call and the backward of sum(out * grad_out) w.r.t. ``inputs``
+        (``_common.timed_fn``); bwd that backward alone, on one retained graph
+        (``_common.retained_backward``). Rows per phase: time (ms), peak_memory (MiB), throughput
+        (TFLOP/s) where ``flops[phase]`` is given, bandwidth (GB/s, fwd only) where nbytes is given.
+        Returns {phase: median ms} of the phases that ran."""
         import torch
 
         shown = ("k", "chunk", "head_chunk", "query_chunk")
         label = f"  {kernel:15} {provider:19} {', '.join(f'{k}={v}' for k, v in cfg.items() if k in shown)}"
-        failure = None
-        try:
-            med, p20, p80, peak = bench(C.timed_fn(self.mode, fn), self.device, self.time_fn)
-        except torch.cuda.OutOfMemoryError:
-            failure = "out of memory"
-        except Exception as exc:  # report and go on with the other providers
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            failure = f"FAILED {kernel} {provider} at {cfg}: {type(exc).__name__}: {first}"
-            if provider in self.backends:
-                self.errors.append(failure)
-        if failure is not None:  # outside the except block: its traceback no longer holds the call's tensors
-            empty_cache(self.device)
-            print(f"{label}: {failure}", flush=True)
-            return None
-        self.row(kernel, provider, cfg, "time", "ms", med, p20, p80)
-        self.row(kernel, provider, cfg, "peak_memory", "MiB", peak / 2**20, peak / 2**20, peak / 2**20)
-        line = f"{label}: {med:9.3f} ms  peak {peak / 2**20:9.1f} MiB"
-        if flops:
-            self.row(kernel, provider, cfg, "throughput", "TFLOP/s", flops / med / 1e9, flops / p80 / 1e9,
-                     flops / p20 / 1e9)  # fmt: skip
-            line += f"  {flops / med / 1e9:7.1f} TFLOP/s"
-        if nbytes:
-            self.row(kernel, provider, cfg, "bandwidth", "GB/s", nbytes / med / 1e6, nbytes / p80 / 1e6,
-                     nbytes / p20 / 1e6)  # fmt: skip
-            line += f"  {nbytes / med / 1e6:7.0f} GB/s"
-        print(line, flush=True)
-        return med
+        times = {}
+        for phase in PHASES[self.mode]:
+            failure = timed = None
+            try:
+                timed = (fn if phase == "fwd" else C.timed_fn(phase, fn, inputs, grad_out) if phase == "fwdbwd"
+                         else C.retained_backward(fn, inputs, grad_out))  # fmt: skip
+                med, p20, p80, peak = bench(timed, self.device, self.time_fn)
+            except torch.cuda.OutOfMemoryError:
+                failure = "out of memory"
+            except Exception as exc:  # report and go on with the other providers
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                failure = f"FAILED {kernel} {provider} {phase} at {cfg}: {type(exc).__name__}: {first}"
+                if provider in self.backends:
+                    self.errors.append(failure)
+            timed = None  # bwd: frees the retained graph
+            at = f"{label} [{phase}]" if self.mode != "fwd" else label
+            if failure is not None:  # outside the except block: its traceback no longer holds the call's tensors
+                empty_cache(self.device)
+                print(f"{at}: {failure}", flush=True)
+                continue
+            times[phase] = med
+            row = functools.partial(self.row, kernel, provider, cfg, phase=phase)
+            row("time", "ms", med, p20, p80)
+            row("peak_memory", "MiB", peak / 2**20, peak / 2**20, peak / 2**20)
+            line = f"{at}: {med:9.3f} ms  peak {peak / 2**20:9.1f} MiB"
+            if flops and flops.get(phase):
+                f = flops[phase]
+                row("throughput", "TFLOP/s", f / med / 1e9, f / p80 / 1e9, f / p20 / 1e9)
+                line += f"  {f / med / 1e9:7.1f} TFLOP/s"
+            if nbytes and phase == "fwd":
+                row("bandwidth", "GB/s", nbytes / med / 1e6, nbytes / p80 / 1e6, nbytes / p20 / 1e6)
+                line += f"  {nbytes / med / 1e6:7.0f} GB/s"
+            print(line, flush=True)
+        return times
 
-    def ratio(self, kernel: str, provider: str, cfg: dict, metric: str, unit: str, value: float):
-        self.row(kernel, provider, cfg, metric, unit, value, value, value)
-        print(f"  {kernel:15} {provider:19} {metric} = {value:.3f}", flush=True)
+    def ratio(self, kernel: str, provider: str, cfg: dict, metric: str, unit: str, value: float, phase: str = "fwd"):
+        self.row(kernel, provider, cfg, metric, unit, value, value, value, phase=phase)
+        at = f" [{phase}]" if self.mode != "fwd" else ""
+        print(f"  {kernel:15} {provider:19}{at} {metric} = {value:.3f}", flush=True)
 
 
 def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: int, lq: int, m: int) -> None:
@@ -365,12 +439,11 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
 
     batch, hq, hkv, dtype, device = args.batch, args.heads, args.kv_heads, torch.bfloat16, r.device
     lk = args.local or lq
+    grads = args.mode != "fwd"  # bwd / fwdbwd: every input is a leaf that requires grad
     torch.manual_seed(0)
-    q = torch.randn(batch, hq, lq, d, device=device, dtype=dtype)
-    mk = torch.randn(batch, hkv, m, d, device=device, dtype=dtype)
-    mv = torch.randn(batch, hkv, m, d, device=device, dtype=dtype)
-    kl = torch.randn(batch, hkv, lk, d, device=device, dtype=dtype)
-    vl = torch.randn_like(kl)
+    q, mk, mv, kl, vl = (torch.randn(batch, h, n, d, device=device, dtype=dtype).requires_grad_(grads)
+                         for h, n in ((hq, lq), (hkv, m), (hkv, m), (hkv, lk), (hkv, lk)))  # fmt: skip
+    grad_out = torch.randn_like(q) if grads else None
     scale = d**-0.5
     score_flops = 2 * batch * hq * lq * m * d
     key_bytes = mk.numel() * mk.element_size()
@@ -382,16 +455,18 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
     table = r.backends
 
     t_copy = None  # decode: the device-to-device copy of the keys (cpu: a host copy), the bandwidth ceiling
-    if decode and "d2d_copy_keys" in selected:
+    if decode and "d2d_copy_keys" in selected and not grads:
         dst = torch.empty_like(mk)
-        t_copy = r.run("memory_copy", "d2d_copy_keys", lambda: dst.copy_(mk), base, nbytes=2 * key_bytes)
+        t_copy = r.run("memory_copy", "d2d_copy_keys", lambda: dst.copy_(mk.detach()), base,
+                       nbytes=2 * key_bytes).get("fwd")  # fmt: skip
         del dst
 
     def served(kernel: str, name: str, mod, **inputs) -> bool:
         """Whether backend ``mod`` serves this point's inputs. The benchmark calls the backends
         directly, past the public ops' dispatch, so it asks what dispatch would ask; a point a
         backend does not serve (e.g. k=256 at D=128 in Triton) is skipped with the reason."""
-        why = mod.unsupported_reasons("knn_topk" if kernel == "knn_topk" else "memory_attention", q, mk, **inputs)
+        op = "knn_topk" if kernel == "knn_topk" else "memory_attention"
+        why = mod.unsupported_reasons(op, q, mk, needs_grad=grads, **inputs)
         if why:
             at = f" k={inputs['topk']}" if inputs.get("topk") else ""
             print(f"  {kernel:15} {name:19}{at}: skipped (not served: {'; '.join(why)})", flush=True)
@@ -402,12 +477,14 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
             r.ratio(kernel, name, cfg, "bandwidth_ratio_to_copy", "bandwidth / d2d copy bandwidth",
                     nbytes * t_copy / (2 * key_bytes * t))  # fmt: skip
 
-    if "knn_topk" in args.kernels:
+    if "knn_topk" in args.kernels and grads:
+        print(f"  knn_topk: skipped (forward only: no gradients; --mode {args.mode})", flush=True)
+    elif "knn_topk" in args.kernels:
         t_mm = None
         if "cublas_bf16_matmul" in selected:
             mm_chunk = B.chunk_for(rows, 2, budget, m)
             t_mm = r.run("knn_topk", "cublas_bf16_matmul", lambda: B.score_product(q, mk, mm_chunk),
-                         {**base, "chunk": mm_chunk}, flops=score_flops)  # fmt: skip
+                         {**base, "chunk": mm_chunk}, flops={"fwd": score_flops}).get("fwd")  # fmt: skip
         for k in args.k:
             cfg = {**base, "k": k}
             for name, mod in table.items():
@@ -415,14 +492,19 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
                     continue
                 t = r.run("knn_topk", name,
                           lambda mod=mod, k=k: mod.knn_topk(q, mk, k, mem_lengths=None, mem_mask=None),
-                          cfg, flops=score_flops, nbytes=key_bytes if decode else None)  # fmt: skip
+                          cfg, flops={"fwd": score_flops}, nbytes=key_bytes if decode else None).get("fwd")  # fmt: skip
                 if t and t_mm:
                     r.ratio("knn_topk", name, cfg, "ratio_to_cublas", "cublas_time/time", t_mm / t)
                 versus_copy("knn_topk", name, cfg, t, key_bytes)
             if "torch_unfused" in selected:
                 r.run("knn_topk", "torch_unfused", lambda k=k: B.chunked_topk(q, mk, k, unfused_chunk),
-                      {**cfg, "chunk": unfused_chunk}, flops=score_flops)  # fmt: skip
+                      {**cfg, "chunk": unfused_chunk}, flops={"fwd": score_flops})  # fmt: skip
 
+    # forward flops: kNN counts the scoring product (its backward, over the k selected slots, gets
+    # no throughput); dense the attention over [local | memory], the backward by the FA2 convention
+    knn_flops = {"fwd": score_flops}
+    attn_flops = {ph: 4 * batch * hq * lq * (lk + m) * d * C.FLOPS_FACTOR[ph] for ph in C.MODES}
+    timed = dict(inputs=(q, mk, mv), grad_out=grad_out)  # kNN without local part
     if "knn_attention" in args.kernels:
         for k in args.k:
             cfg = {**base, "k": k}
@@ -432,47 +514,68 @@ def measure_point(r: Runner, args: argparse.Namespace, selected: set[str], d: in
                 t = r.run("knn_attention", name,
                           lambda mod=mod, k=k: mod.memory_attention(q, None, None, mk, mv, topk=k, causal=False,
                                                                     softmax_scale=scale, mem_lengths=None,
-                                                                    mem_mask=None),
-                          cfg, flops=score_flops, nbytes=key_bytes if decode else None)  # fmt: skip
-                versus_copy("knn_attention", name, cfg, t, key_bytes)
+                                                                    mem_mask=None)[0],
+                          cfg, flops=knn_flops, nbytes=key_bytes if decode else None, **timed)  # fmt: skip
+                versus_copy("knn_attention", name, cfg, t.get("fwd"), key_bytes)
             if "torch_unfused" in selected:
                 def unfused(k=k):
                     scores, idx = B.chunked_topk(q, mk, k, unfused_chunk)
                     return B.attend_selected(q, None, None, mv, scores, idx, scale=scale)
 
-                r.run("knn_attention", "torch_unfused", unfused, {**cfg, "chunk": unfused_chunk}, flops=score_flops)
+                r.run("knn_attention", "torch_unfused", unfused, {**cfg, "chunk": unfused_chunk}, flops=knn_flops,
+                      **timed)  # fmt: skip
 
     if "dense_attention" in args.kernels:
-        attn_flops = 4 * batch * hq * lq * (lk + m) * d
         cfg = {**base, "Lk": lk, "causal": False}
+        timed = dict(inputs=(q, kl, vl, mk, mv), grad_out=grad_out, flops=attn_flops)
+        t_backend = {}
         for name, mod in table.items():
             if not served("dense_attention", name, mod, key=kl, value=vl, mem_values=mv):
                 continue
-            t = r.run("dense_attention", name,
-                      lambda mod=mod: mod.memory_attention(q, kl, vl, mk, mv, topk=None, causal=False,
-                                                           softmax_scale=scale, mem_lengths=None, mem_mask=None),
-                      cfg, flops=attn_flops, nbytes=2 * key_bytes if decode else None)  # fmt: skip
-            versus_copy("dense_attention", name, cfg, t, 2 * key_bytes)
+            t_backend[name] = r.run("dense_attention", name,
+                                    lambda mod=mod: mod.memory_attention(q, kl, vl, mk, mv, topk=None, causal=False,
+                                                                         softmax_scale=scale, mem_lengths=None,
+                                                                         mem_mask=None)[0],
+                                    cfg, nbytes=2 * key_bytes if decode else None, **timed)  # fmt: skip
+            versus_copy("dense_attention", name, cfg, t_backend[name].get("fwd"), 2 * key_bytes)
+        grad_copies = 2 if grads else 1  # bwd / fwdbwd: the gradients are as large again
         if "torch_longllama" in selected:
             hc, qc = B.longllama_grouping(batch, hq, lq, lk + m, d, q.element_size(), budget)
-            r.run("dense_attention", "torch_longllama",
-                  lambda: B.longllama_attention(q, kl, vl, mk, mv, scale=scale, causal=False, head_chunk=hc,
-                                                query_chunk=qc),
-                  {**cfg, "head_chunk": hc, "query_chunk": qc}, flops=attn_flops)  # fmt: skip
+            need = B.longllama_saved_bytes(batch, hq, lq, lk + m, q.element_size()) if grads else 0
+            if need > 0.9 * free_memory(device):
+                print(f"  dense_attention torch_longllama: skipped (~{need / 2**30:.1f} GiB saved for its backward "
+                      "> 90% of the free memory)")  # fmt: skip
+            else:
+                r.run("dense_attention", "torch_longllama",
+                      lambda: B.longllama_attention(q, kl, vl, mk, mv, scale=scale, causal=False, head_chunk=hc,
+                                                    query_chunk=qc),
+                      {**cfg, "head_chunk": hc, "query_chunk": qc}, **timed)  # fmt: skip
         sdpa = [p for p in ("sdpa_concat", "sdpa_call_only") if p in selected]
-        need = B.sdpa_concat_bytes(q, lk, m, hkv)
+        need = B.sdpa_concat_bytes(q, lk, m, hkv) * grad_copies
+        t_sdpa = {}
+        # whether torch's flash kernel serves these SDPA calls (it is picked first then): in the SDPA
+        # rows' and the ratio rows' config
+        cfg = {**cfg, "sdpa_flash": B.sdpa_flash_serves(q, kl, vl, None)}
         if sdpa and need > 0.9 * free_memory(device):
-            print(f"  dense_attention {', '.join(sdpa)}: skipped (concatenated keys/values ~{need / 2**30:.1f} GiB "
-                  f"> 90% of the free memory)")  # fmt: skip
+            what = "concatenated keys/values" + (" and their gradients" if grads else "")
+            print(f"  dense_attention {', '.join(sdpa)}: skipped ({what} ~{need / 2**30:.1f} GiB > 90% of the free "
+                  "memory)")  # fmt: skip
         elif sdpa:
             if "sdpa_concat" in selected:
                 r.run("dense_attention", "sdpa_concat",
-                      lambda: B.sdpa_concat(q, kl, vl, mk, mv, causal=False, scale=scale), cfg, flops=attn_flops)
-            if "sdpa_call_only" in selected:
-                kc, vc, mask = B.sdpa_concat_inputs(q, kl, vl, mk, mv, causal=False)
-                r.run("dense_attention", "sdpa_call_only", lambda: B.sdpa(q, kc, vc, mask, scale=scale), cfg,
-                      flops=attn_flops)  # fmt: skip
+                      lambda: B.sdpa_concat(q, kl, vl, mk, mv, causal=False, scale=scale), cfg, **timed)  # fmt: skip
+            if "sdpa_call_only" in selected:  # bwd / fwdbwd: the concatenations are the leaves
+                with torch.no_grad():
+                    kc, vc, mask = B.sdpa_concat_inputs(q, kl, vl, mk, mv, causal=False)
+                kc, vc = kc.requires_grad_(grads), vc.requires_grad_(grads)
+                t_sdpa = r.run("dense_attention", "sdpa_call_only", lambda: B.sdpa(q, kc, vc, mask, scale=scale),
+                               cfg, **{**timed, "inputs": (q, kc, vc)})  # fmt: skip
                 del kc, vc, mask
+        for name, times in t_backend.items():
+            for phase, t in times.items():
+                if t_sdpa.get(phase):
+                    r.ratio("dense_attention", name, cfg, "ratio_to_sdpa", "sdpa_call_only time / time",
+                            t_sdpa[phase] / t, phase)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
 
     selected = set(args.providers or PROVIDERS)
     status = 0
-    table, unavailable = gpu_backends([b for b in BACKENDS if b in selected], device)
+    grads = args.mode != "fwd"
+    table, unavailable = gpu_backends([b for b in BACKENDS if b in selected], device, needs_grad=grads)
     for name, why in unavailable.items():
         print(f"backend {name}: skipped ({why})", file=sys.stderr)
         if args.providers:  # asked for by name: a failure
@@ -513,15 +617,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_check:
             checks[name] = "skipped"
             continue
-        cases, failures = correctness_gate(mod, device)
+        cases, failures = correctness_gate(mod, device, grads=grads, kernels=args.kernels)
+        what = f"{cases} cases" + (", outputs and gradients" if grads else "")
         if failures:
-            print(f"backend {name}: FAILS its correctness gate ({len(failures)} of {cases} cases); left out of the "
+            print(f"backend {name}: FAILS its correctness gate ({len(failures)} of {what}); left out of the "
                   "timings:\n  " + "\n  ".join(failures), file=sys.stderr)  # fmt: skip
             del table[name]
             status = 1
         else:
-            checks[name] = "passed"
-            print(f"backend {name}: correctness gate passed ({cases} cases)")
+            checks[name] = "passed (with gradients)" if grads else "passed"
+            print(f"backend {name}: correctness gate passed ({what})")
 
     info = C.machine_info(threads=str(torch.get_num_threads()))
     if device == "cuda":
@@ -543,10 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     for d in args.dim:
         for lq in args.lq:
             for m in args.m:
-                need = 2 * args.batch * args.kv_heads * m * d * 2  # memory keys + values, bf16
+                need = 2 * args.batch * args.kv_heads * m * d * 2 * (2 if grads else 1)  # memory keys + values, bf16
                 if need > runner.max_bytes:
-                    print(f"skip D={d} Lq={lq} M={m}: memory keys+values {need / 2**30:.1f} GiB > budget "
-                          f"{runner.max_bytes / 2**30:.1f} GiB")  # fmt: skip
+                    print(f"skip D={d} Lq={lq} M={m}: memory keys+values{' and their gradients' if grads else ''} "
+                          f"{need / 2**30:.1f} GiB > budget {runner.max_bytes / 2**30:.1f} GiB")  # fmt: skip
                     continue
                 print(f"D={d} Lq={lq} M={m}", flush=True)
                 measure_point(runner, args, selected, d, lq, m)
@@ -572,7 +677,8 @@ def plot(rows: list[dict], out: Path) -> None:
         if r["metric"] != "time":
             continue
         c = json.loads(r["config"])
-        series = r["provider"] + (f" k={c['k']}" if "k" in c else "")
+        series = r["provider"] + (f" k={c['k']}" if "k" in c else "") + (f" [{r['mode']}]" if r["mode"] == "backward"
+                                                                         else "")  # fmt: skip
         panel = f"D={c['D']} Lq={c['Lq']}"
         panels.setdefault(r["kernel"], {}).setdefault(panel, {}).setdefault(series, []).append(
             (int(r["x_value"]), float(r["median"]), True))

@@ -2,9 +2,17 @@
 # GPU check: on a machine with an NVIDIA GPU and no network (torch and triton preinstalled, e.g.
 # torch 2.11 + triton 3.6), install this checkout with the CUDA extension, check that the extension
 # loads, run the whole test suite on CUDA, the sm_80/sm_90 compile tables (CUDA and Triton) and the
-# GPU benchmark, and write everything to OUTPUT_DIR.
+# GPU benchmark (forward; then forward + backward), and write everything to OUTPUT_DIR.
 #
-#   scripts/gpu_check.sh OUTPUT_DIR [extra bench_gpu.py arguments, e.g. --quick]
+#   scripts/gpu_check.sh OUTPUT_DIR [extra bench_gpu.py arguments of the forward run, e.g. --quick]
+#
+# The benchmark runs twice: the forward (--mode fwd, the sizes the extra arguments give: --quick
+# keeps it short) into OUTPUT_DIR/bench, and forward + backward (--mode fwdbwd, which also times the
+# backward alone) of dense and kNN memory attention into OUTPUT_DIR/bench_fwdbwd, at fixed quick
+# sizes (FWDBWD_ARGS below: one training-like shape, Lq = Lk = 2048, M 16k and 64k, D=128, Hq=Hkv=8)
+# where the goal "Triton dense backward >= 0.5x the throughput of torch SDPA's flash backward" is
+# read: CSV rows kernel=dense_attention, provider=triton, mode=backward, metric=ratio_to_sdpa.
+# FWDBWD_ARGS="..." replaces those arguments; FWDBWD_ARGS=skip leaves the run out.
 #
 # The install builds the CUDA extension with FOT_KERNELS_BUILD_CUDA=1 (default), so that a missing
 # nvcc fails the install loudly instead of silently skipping the CUDA kernels and their tests;
@@ -27,6 +35,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 BUILD_CUDA=${FOT_KERNELS_BUILD_CUDA:-1}
 JOBS=${MAX_JOBS:-8}
+# about a minute on an H100-class GPU (estimate: 2 points x 8 providers x 2 phases of ~0.5 s, plus the
+# gate's compiles and the baselines' first calls)
+FWDBWD_ARGS=${FWDBWD_ARGS:---kernels dense_attention knn_attention --m 16k 64k --lq 2048 --dim 128 --k 32 --heads 8}
 unset TRITON_INTERPRET  # the kernels must run compiled on the GPU, not in the interpreter
 
 {
@@ -86,6 +97,16 @@ record triton_compile_table "${PIPESTATUS[0]}"
 echo "== GPU benchmark (benchmarks/bench_gpu.py)"
 "$PY" benchmarks/bench_gpu.py --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log"
 record bench "${PIPESTATUS[0]}"
+
+if [ "$FWDBWD_ARGS" = "skip" ]; then
+    echo "== GPU benchmark, forward + backward: skipped (FWDBWD_ARGS=skip)"
+    record bench_fwdbwd skipped
+else
+    echo "== GPU benchmark, forward + backward (bench_gpu.py --mode fwdbwd $FWDBWD_ARGS)"
+    # shellcheck disable=SC2086  # FWDBWD_ARGS is a list of words
+    "$PY" benchmarks/bench_gpu.py --out "$OUT/bench_fwdbwd" --mode fwdbwd $FWDBWD_ARGS 2>&1 | tee "$OUT/bench_fwdbwd.log"
+    record bench_fwdbwd "${PIPESTATUS[0]}"
+fi
 
 FAILED=0
 SUMMARY="summary: exit code per step ('skipped' is not a failure)"

@@ -99,16 +99,103 @@ def test_failed_gate_exits_1(tmp_path, monkeypatch, capsys, interpreter):
 
     monkeypatch.setattr(cuda, "memory_attention", perturbed)
     args = ["--device", "cpu", "--m", "256", "--lq", "1", "--dim", "64", "--k", "8", "--heads", "2", "--no-plot",
-            "--kernels", "knn_attention", "--providers", "cuda", "torch_unfused", "--out", str(tmp_path)]  # fmt: skip
+            "--kernels", "knn_topk", "knn_attention", "--providers", "cuda", "torch_unfused",
+            "--out", str(tmp_path)]  # fmt: skip
     status = bench_gpu.main(args)
     out, err = capsys.readouterr()
     assert status == 1, out + err
-    # every memory_attention case fails (4 per dtype), knn_topk passes
-    assert "backend cuda: FAILS its correctness gate (12 of 15 cases)" in err, err
-    assert "memory_attention dense, causal local: AssertionError" in err
+    # the gate checks the benchmarked kernels: every kNN memory_attention case fails (2 per dtype), knn_topk passes
+    assert "backend cuda: FAILS its correctness gate (6 of 9 cases)" in err, err
+    assert "memory_attention kNN k=32, causal local: AssertionError" in err
     assert "correctness gate passed" not in out
     rows = _read_csv(tmp_path / "bench_gpu.csv")
     assert {r["provider"] for r in rows} == {"torch_unfused"}
+
+
+# --mode bwd / fwdbwd: tiny shapes (the Triton interpreter runs forward and backward kernels)
+GRAD_SMOKE_ARGS = ["--device", "cpu", "--m", "100", "--lq", "20", "--dim", "64", "--k", "8", "--heads", "2"]
+
+
+def test_cpu_smoke_fwdbwd(tmp_path, monkeypatch, capsys, interpreter):
+    """--mode fwdbwd on dense attention (the backward goal's kernel): both backends pass a gate
+    that checks their gradients (the 2 dense cases per dtype); every provider has rows of the
+    forward + backward (CSV mode "full") and of the backward alone ("backward"), TFLOP/s by the
+    FA2 convention (3.5x / 2.5x the forward's flops), and each backend the goal row ratio_to_sdpa
+    (sdpa_call_only time / its time) in both."""
+    emulate_cuda_backend(monkeypatch)
+    status = bench_gpu.main([*GRAD_SMOKE_ARGS, "--mode", "fwdbwd", "--kernels", "dense_attention",
+                             "--out", str(tmp_path)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert status == 0, f"exit status {status}\nstdout:\n{out}\nstderr:\n{err}"
+    for backend in bench_gpu.BACKENDS:
+        assert f"backend {backend}: correctness gate passed (6 cases, outputs and gradients)" in out, out + err
+    rows = _read_csv(tmp_path / "bench_gpu.csv")
+    assert {r["kernel"] for r in rows} == {"dense_attention"}
+    by_key = {(r["provider"], r["mode"], r["metric"]): r for r in rows}
+    for provider in (*bench_gpu.BACKENDS, "torch_longllama", "sdpa_concat", "sdpa_call_only"):
+        for mode, factor in (("full", 3.5), ("backward", 2.5)):
+            time_row = by_key[provider, mode, "time"]
+            assert (provider, mode, "peak_memory") in by_key, (provider, mode)
+            c = json.loads(time_row["config"])
+            flops = 4 * c["B"] * c["Hq"] * c["Lq"] * (c["Lk"] + c["M"]) * c["D"] * factor
+            tflops = float(by_key[provider, mode, "throughput"]["median"])
+            assert abs(tflops * float(time_row["median"]) * 1e9 / flops - 1) < 1e-6, (provider, mode)
+    for backend in bench_gpu.BACKENDS:
+        for mode in ("full", "backward"):
+            ratio = float(by_key[backend, mode, "ratio_to_sdpa"]["median"])
+            sdpa, mine = (float(by_key[p, mode, "time"]["median"]) for p in ("sdpa_call_only", backend))
+            assert ratio == pytest.approx(sdpa / mine), (backend, mode)
+    for r in rows:
+        assert r["check"] == ("passed (with gradients)" if r["provider"] in bench_gpu.BACKENDS else ""), r
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "bench_gpu_dense_attention.png").stat().st_size > 0
+
+
+def test_cpu_smoke_bwd_knn(tmp_path, monkeypatch, capsys):
+    """--mode bwd, kNN attention (the cuda backend on the emulator, and the unfused baseline under
+    autograd): the gate checks gradients, knn_topk (forward only) is skipped with the reason, and
+    only backward rows are written (no TFLOP/s for the kNN backward)."""
+    emulate_cuda_backend(monkeypatch)
+    status = bench_gpu.main([*GRAD_SMOKE_ARGS, "--mode", "bwd", "--kernels", "knn_topk", "knn_attention",
+                             "--providers", "cuda", "torch_unfused", "--no-plot", "--out", str(tmp_path)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert status == 0, f"exit status {status}\nstdout:\n{out}\nstderr:\n{err}"
+    assert "backend cuda: correctness gate passed (6 cases, outputs and gradients)" in out, out + err
+    assert "knn_topk: skipped (forward only" in out
+    rows = _read_csv(tmp_path / "bench_gpu.csv")
+    assert {r["mode"] for r in rows} == {"backward"} and {r["kernel"] for r in rows} == {"knn_attention"}
+    seen = {(r["provider"], r["metric"]) for r in rows}
+    assert seen == {(p, m) for p in ("cuda", "torch_unfused") for m in ("time", "peak_memory")}, seen
+
+
+def test_wrong_gradients_fail_the_gate(tmp_path, monkeypatch, capsys):
+    """A backend whose memory-value gradient is 25% off (its outputs right) fails the gradient gate
+    of --mode bwd (every dense case), is left out of the timings, and the run exits 1."""
+    emulate_cuda_backend(monkeypatch)
+    from fot_kernels.backends import cuda
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.25
+
+    real = cuda.memory_attention
+    monkeypatch.setattr(cuda, "memory_attention",
+                        lambda q, k, v, mk, mv, **kw: real(q, k, v, mk, Scale.apply(mv), **kw))  # fmt: skip
+    status = bench_gpu.main([*GRAD_SMOKE_ARGS, "--mode", "bwd", "--kernels", "dense_attention", "--providers", "cuda",
+                             "sdpa_call_only", "--no-plot", "--out", str(tmp_path)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert status == 1, out + err
+    assert "backend cuda: FAILS its correctness gate (6 of 6 cases, outputs and gradients)" in err, err
+    assert "dense, causal local: AssertionError: " in err and ": dmem_v: max error" in err, err
+    assert {r["provider"] for r in _read_csv(tmp_path / "bench_gpu.csv")} == {"sdpa_call_only"}
 
 
 def test_cuda_device_without_gpu_exits_2(tmp_path, capsys):
@@ -160,6 +247,37 @@ def test_baselines_match_reference(hq, hkv):
     baselines.score_product(q, mk, chunk)  # runs; its result is not kept
 
 
+def test_baselines_gradients_match_reference():
+    """The baselines bench_gpu.py times under autograd (--mode bwd / fwdbwd): the gradients of
+    sum(out * grad_out) w.r.t. every input of sdpa_concat, longllama_attention (grouped) and the
+    unfused kNN attention (chunked_topk + attend_selected), in float32 with GQA and several memory
+    chunks, against the reference's autograd in float64 (2x rule, against the fp32 reference)."""
+    b, hq, hkv, lq, lk, m, d, k, chunk = 1, 4, 2, 5, 7, 200, 16, 8, 64
+    inputs = [torch.randn(b, h, n, d) for h, n in ((hq, lq), (hkv, lk), (hkv, lk), (hkv, m), (hkv, m))]
+    grad_out, scale = torch.randn(b, hq, lq, d), d**-0.5
+
+    def grads(fn, dtype=None):
+        xs = [t.to(dtype or t.dtype).requires_grad_() for t in inputs]
+        return torch.autograd.grad(fn(*xs), xs, grad_out.to(xs[0].dtype))
+
+    def unfused(q, key, value, mk, mv):
+        return baselines.attend_selected(q, key, value, mv, *baselines.chunked_topk(q, mk, k, chunk), scale=scale,
+                                         causal=False)  # fmt: skip
+
+    for name, fn, kw in (
+        ("sdpa_concat", lambda *x: baselines.sdpa_concat(*x, causal=True, scale=scale), dict(causal=True)),
+        ("longllama grouped", lambda *x: baselines.longllama_attention(*x, scale=scale, causal=False, head_chunk=2,
+                                                                       query_chunk=2), dict(causal=False)),
+        ("unfused kNN", unfused, dict(causal=False, topk=k)),
+    ):
+        def ref(*x, kw=kw):
+            return fk.memory_attention(*x, softmax_scale=scale, backend="reference", **kw)
+
+        got, hi, lo = grads(fn), grads(ref, torch.float64), grads(ref)
+        for what, g, g_hi, g_lo in zip(("dq", "dk", "dv", "dmk", "dmv"), got, hi, lo):
+            assert_close_to_reference(g, g_hi, g_lo, name=f"{name} {what}")
+
+
 def test_baselines_with_invalid_slots_and_bf16_memory():
     """Memory validity (mem_valid) and bf16 memory with an fp32 query, where the baselines take them."""
     b, hq, hkv, lq, m, d = 2, 4, 2, 6, 300, 64
@@ -197,10 +315,12 @@ def test_longllama_grouping():
 
 
 def test_mode_option():
-    """--mode: bench_gpu.py fwd only so far (bwd / fwdbwd rejected); bench_cpu.py all three."""
+    """--mode: fwd (default), bwd and fwdbwd in both scripts."""
     assert bench_gpu.parse_args(["--out", "x"]).mode == "fwd"
+    for mode in ("bwd", "fwdbwd"):
+        assert bench_gpu.parse_args(["--out", "x", "--mode", mode]).mode == mode
     with pytest.raises(SystemExit):
-        bench_gpu.parse_args(["--out", "x", "--mode", "bwd"])
+        bench_gpu.parse_args(["--out", "x", "--mode", "backward"])
     assert bench_cpu.parse_args([]).mode == "fwd"
     assert bench_cpu.parse_args(["--mode", "bwd"]).mode == "bwd"
     assert bench_cpu.parse_args(["--only", "fwdbwd"]).mode == "fwdbwd"
