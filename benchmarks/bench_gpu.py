@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "Defaults: M in {16k, 64k, 256k, 1M, 4M} x Lq in {1, 2048} x D in {100, 128}, k in {32, 128},\n"
             "B=1, Hq=Hkv=32 (points over the memory budget are skipped with a message).\n"
             "--quick: M in {64k, 256k}, Lq in {1, 512}, D=128, k=32, Hq=Hkv=8 (options given explicitly win).\n"
+            "--mode bwd / fwdbwd: knn_attention and dense_attention under autograd (gradients w.r.t. q, k, v,\n"
+            "mem_k, mem_v, checked by the gate first); fwdbwd times forward + backward, then the backward alone.\n"
             "Exit status: 0 ok; 1 a correctness gate failed, a backend raised while timed, or a backend\n"
             "named in --providers is unavailable; 2 (--device cuda only) no CUDA GPU / no triton /\n"
             "TRITON_INTERPRET=1."

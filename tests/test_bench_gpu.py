@@ -2,9 +2,11 @@
 discovery, correctness gates, every kernel and baseline, decode bandwidth rows, CSV, plots, exit
 status) runs with ``--device cpu`` on tiny shapes, the triton backend in the Triton interpreter and
 the cuda backend on csrc/cuda's kernels built for the CPU emulator (tests/cuda_emu). A GPU is lent
-to this project rarely; a crash in the script there would waste it. The shared baselines of every
-benchmark (benchmarks/baselines.py) are checked against the reference here too (the benchmarks only
-gate the package's backends), and so are the shared timer's interleaving and modes, and bench_cpu.py's
+to this project rarely; a crash in the script there would waste it. Its --mode fwdbwd / bwd runs
+too (backward kernels of both backends, the baselines under autograd, the gradient gate and the
+ratio_to_sdpa goal rows). The shared baselines of every benchmark (benchmarks/baselines.py) are
+checked against the reference here too, outputs and gradients (the benchmarks only gate the
+package's backends), and so are the shared timer's interleaving and modes, and bench_cpu.py's
 dense-vs-SDPA and forward + backward (gradient-checked) paths, on tiny shapes."""
 
 import csv
@@ -145,6 +147,7 @@ def test_cpu_smoke_fwdbwd(tmp_path, monkeypatch, capsys, interpreter):
             ratio = float(by_key[backend, mode, "ratio_to_sdpa"]["median"])
             sdpa, mine = (float(by_key[p, mode, "time"]["median"]) for p in ("sdpa_call_only", backend))
             assert ratio == pytest.approx(sdpa / mine), (backend, mode)
+            assert json.loads(by_key[backend, mode, "ratio_to_sdpa"]["config"])["sdpa_flash"] is True  # CPU flash
     for r in rows:
         assert r["check"] == ("passed (with gradients)" if r["provider"] in bench_gpu.BACKENDS else ""), r
     try:
