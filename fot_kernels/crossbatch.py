@@ -45,7 +45,6 @@ from .autograd import needs_grad
 from .backends import NAMES, auto_order, load, load_all
 from .backends.streaming import (
     TORCH_GRAD_KERNELS,
-    TORCH_KERNELS,
     Kernels,
     _group_queries,
     _last_dim_contiguous,
@@ -92,28 +91,17 @@ def visible_contexts(batch: int, cross_batch_range: int, dataset_packing: int,
 
 
 def _kernels_or_reasons(name: str, query: Tensor, key: Tensor, value: Tensor, mem_keys: Tensor):
-    """(Kernels, []) when backend ``name`` can serve the inputs, else (None, reasons). The
-    reference is (None, [])."""
+    """(Kernels, []) when backend ``name`` can serve the inputs (its ``unsupported_reasons`` for
+    this op, with the gradients it would have to compute), else (None, reasons); the reference is
+    (None, [])."""
     module, reason = load(name)
     if module is None:
         return None, [reason]
     if name == "reference":
         return None, []
-    if name == "streaming":
-        return TORCH_KERNELS, []
-    if name == "cpu":
-        reasons = module.unsupported_reasons(OP, query, mem_keys)
-        return (None, reasons) if reasons else (module._kernels(query, key, value, mem_keys), [])
-    if name == "cuda":
-        # the forward kernels' constraints; gradients come from this module's Function (the
-        # backward kernels of ``Kernels.grad_ops``, the PyTorch ones by default), so the cuda
-        # backend's "no backward kernel" refusal of memory_attention does not apply here
-        reasons = module.unsupported_reasons(OP, query, mem_keys, key=key, value=value, mem_values=value)
-        return (None, reasons) if reasons else (module._kernels(), [])
-    # triton: its op-shaped flash_scan (on the fused attention kernel) and its backward launchers
     reasons = module.unsupported_reasons(OP, query, mem_keys, key=key, value=value, mem_values=value,
                                          needs_grad=needs_grad(query, key, value, mem_keys))  # fmt: skip
-    return (None, reasons) if reasons else (module.kernels(), [])
+    return (None, reasons) if reasons else (module.kernels(query, key, value, mem_keys), [])
 
 
 def _pick(backend: str, query: Tensor, key: Tensor, value: Tensor, mem_keys: Tensor):

@@ -310,7 +310,7 @@ def _gather_attention(call: _Call, query: Tensor, mem_values: Tensor):
     if call.backend in ("auto", "cpu") and query.device.type == "cpu":
         from .backends import cpu
 
-        return cpu._kernels(query, mem_values).ops.gather_attention
+        return cpu.kernels(query, mem_values).ops.gather_attention
     return streaming.gather_attention_torch
 
 

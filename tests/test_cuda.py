@@ -167,7 +167,7 @@ def test_unsupported_inputs_are_reported(env, monkeypatch):
         fk.knn_topk(case.query, case.mem_keys, 300, backend="cuda")
     # gradients are served by the backward kernels ...
     assert not CB.unsupported_reasons("memory_attention", case.query, case.mem_keys, topk=3, needs_grad=True)
-    assert CB._kernels().grad_ops is CB._ops()
+    assert CB.kernels().grad_ops is CB._ops()
     q_grad = case.query.clone().requires_grad_()
     args = (q_grad, case.key, case.value, case.mem_keys, case.mem_values)
     out = fk.memory_attention(*args, topk=3, backend="cuda")

@@ -10,7 +10,12 @@ Every backend module defines::
     memory_attention(query, key, value, mem_keys, mem_values, *, topk, causal, softmax_scale,
                      mem_lengths, mem_mask) -> (out, lse)
 
-``op`` is "knn_topk" or "memory_attention"; an empty list means the backend can serve the inputs.
+and every backend but the reference also ``kernels(*tensors) -> backends.streaming.Kernels``: its
+op-shaped kernels (stacked query rows, forward and backward) for those tensors, which
+compositions such as ``fot_kernels.crossbatch`` run.
+
+``op`` is "knn_topk", "memory_attention" or "crossbatch_attention"; an empty list means the
+backend can serve the inputs.
 ``needs_grad`` is True when grad mode is on and an input requires grad: a backend that cannot
 differentiate the op for these inputs must say so (docs/DESIGN.md 3.4), never return an output detached
 from the graph.

@@ -39,8 +39,9 @@ def extension_status() -> str | None:
     return None if _cpu_ext.load() else _cpu_ext.unavailable_reason()
 
 
-def _kernels(*tensors: Tensor | None) -> streaming.Kernels:
-    """The C++ kernels when they are built and serve these dtypes, else the PyTorch ones."""
+def kernels(*tensors: Tensor | None) -> streaming.Kernels:
+    """The op-shaped kernels for these tensors: the C++ kernels when they are built and serve
+    these dtypes, else the PyTorch ones."""
     if all(t is None or t.dtype in _EXT_DTYPES for t in tensors) and _cpu_ext.load():
         ops = _library.ops()  # load() is True only with the backward ops registered too
         return streaming.Kernels(ops, _float32_rows, grad_ops=ops)
@@ -53,7 +54,7 @@ def _float32_rows(*_: Tensor | None) -> torch.dtype:
 
 def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None):
     return streaming.knn_topk(query, mem_keys, k, mem_lengths=mem_lengths, mem_mask=mem_mask,
-                              kernels=_kernels(query, mem_keys))  # fmt: skip
+                              kernels=kernels(query, mem_keys))  # fmt: skip
 
 
 def memory_attention(
@@ -61,5 +62,5 @@ def memory_attention(
 ) -> tuple[Tensor, Tensor]:
     return streaming.memory_attention(
         query, key, value, mem_keys, mem_values, topk=topk, causal=causal, softmax_scale=softmax_scale,
-        mem_lengths=mem_lengths, mem_mask=mem_mask, kernels=_kernels(query, key, value, mem_keys, mem_values),
+        mem_lengths=mem_lengths, mem_mask=mem_mask, kernels=kernels(query, key, value, mem_keys, mem_values),
     )  # fmt: skip

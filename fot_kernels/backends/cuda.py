@@ -141,15 +141,15 @@ def _row_dtype(query: Tensor, *others: Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _kernels() -> streaming.Kernels:
-    """The forward ops, the row dtype, and the backward ops when they are registered (else the
+def kernels(*_tensors: Tensor | None) -> streaming.Kernels:
+    """The op-shaped kernels: the forward ops, the row dtype, and the backward ops when they are registered (else the
     PyTorch backward, which unsupported_reasons keeps from running on inputs that need grad)."""
     ops = _ops()
     return streaming.Kernels(ops, _row_dtype, ops if _has_backward() else None)
 
 
 def knn_topk(query: Tensor, mem_keys: Tensor, k: int, *, mem_lengths: Tensor | None, mem_mask: Tensor | None):
-    return streaming.knn_topk(query, mem_keys, k, mem_lengths=mem_lengths, mem_mask=mem_mask, kernels=_kernels())
+    return streaming.knn_topk(query, mem_keys, k, mem_lengths=mem_lengths, mem_mask=mem_mask, kernels=kernels())
 
 
 def memory_attention(
@@ -157,5 +157,5 @@ def memory_attention(
 ) -> tuple[Tensor, Tensor]:
     return streaming.memory_attention(
         query, key, value, mem_keys, mem_values, topk=topk, causal=causal, softmax_scale=softmax_scale,
-        mem_lengths=mem_lengths, mem_mask=mem_mask, kernels=_kernels(),
+        mem_lengths=mem_lengths, mem_mask=mem_mask, kernels=kernels(),
     )  # fmt: skip

@@ -169,6 +169,12 @@ TORCH_KERNELS = Kernels(
 )
 
 
+def kernels(*_tensors: Tensor | None) -> Kernels:
+    """The op-shaped kernels of this backend (every backend module but the reference has
+    ``kernels(*tensors)``): the PyTorch ones, forward and backward."""
+    return TORCH_KERNELS
+
+
 # --------------------------------------------------------------------------------------------
 # Backend functions
 # --------------------------------------------------------------------------------------------

@@ -543,11 +543,15 @@ def _grad_kernels() -> streaming.Kernels:
     return streaming.Kernels(None, _row_dtype, grad_ops)
 
 
-@functools.cache
-def kernels() -> streaming.Kernels:
+def kernels(*_tensors: Tensor | None) -> streaming.Kernels:
     """The op-shaped kernels for compositions over stacked rows (``fot_kernels.crossbatch``):
     ``ops.flash_scan`` above (forward), rows in the query's dtype, and the backward launchers.
-    Serves what ``unsupported_reasons("flash_scan", ...)`` accepts."""
+    Serves what ``unsupported_reasons`` accepts."""
+    return _op_kernels()
+
+
+@functools.cache
+def _op_kernels() -> streaming.Kernels:
     return streaming.Kernels(SimpleNamespace(flash_scan=flash_scan), _row_dtype, _grad_kernels().grad_ops)
 
 
