@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -442,3 +443,47 @@ def plot_panels(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- multi-process runs (gloo on the CPU) ------------------------------------------------------
+
+
+def status_bytes(field: str) -> int:
+    """A byte figure of this process from /proc/self/status (e.g. ``VmHWM``: the peak resident set);
+    -1 where it is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's VmHWM (Linux; a no-op elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def spawn_ranks(worker: Callable[..., None], ranks: int, args: tuple, timeout: float, what: str = "--timeout") -> None:
+    """Run ``worker(rank, ranks, init_file, *args)`` in ``ranks`` spawned processes, which set up
+    their process group through the file store ``init_file`` (a fresh temporary directory: no
+    network). A rank that raises makes this raise; a run past ``timeout`` seconds is killed and
+    raises TimeoutError (a hang fails instead of blocking)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = str(Path(tmp) / "init")
+        context = mp.start_processes(worker, args=(ranks, init_file, *args), nprocs=ranks, join=False,
+                                     start_method="spawn")  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"{ranks} ranks did not finish within {what}={timeout} s")

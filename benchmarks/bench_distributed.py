@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
@@ -85,23 +84,7 @@ def shard_bounds(total: int, ranks: int, rank: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _worker(rank: int, ranks: int, args: argparse.Namespace, init_file: str, ref_dir: str, out_file: str) -> None:
+def _worker(rank: int, ranks: int, init_file: str, args: argparse.Namespace, ref_dir: str, out_file: str) -> None:
     torch.set_num_threads(max(1, args.threads // ranks))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks,
                             timeout=timedelta(seconds=args.timeout))  # fmt: skip
@@ -112,7 +95,7 @@ def _worker(rank: int, ranks: int, args: argparse.Namespace, init_file: str, ref
     for total in args.slots:
         start, stop = shard_bounds(total, ranks, rank)
         C.release_free_heap()
-        _reset_peak()
+        C.reset_peak_rss()
         mem_keys, mem_values = make_shard(args.seed, start, stop, kv_heads, dim)
         for phase in args.phases:
             len_q = 1 if phase == "decode" else args.chunk
@@ -146,7 +129,7 @@ def _worker(rank: int, ranks: int, args: argparse.Namespace, init_file: str, ref
                     check = "ok" if err <= CHECK_ATOL else f"FAIL (max error {err:.2g})"
                 else:
                     check = "unchecked"
-                peak = torch.tensor([float(_status("VmHWM"))])
+                peak = torch.tensor([float(C.status_bytes("VmHWM"))])
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 rows.append(dict(slots=total, ranks=ranks, phase=phase, mode=mode, len_q=len_q, len_k=len_k,
                                  topk=topk, times=times, bytes_sent=sent, peak_rss=float(peak),
@@ -167,15 +150,8 @@ def _worker(rank: int, ranks: int, args: argparse.Namespace, init_file: str, ref
 def run_ranks(ranks: int, args, ref_dir: str) -> list[dict]:
     """Spawn ``ranks`` processes running every size; a run past ``--timeout`` is killed."""
     with tempfile.TemporaryDirectory() as tmp:
-        init_file, out_file = str(Path(tmp) / "init"), str(Path(tmp) / "rows.pt")
-        context = mp.start_processes(_worker, args=(ranks, args, init_file, ref_dir, out_file), nprocs=ranks,
-                                     join=False, start_method="spawn")  # fmt: skip
-        deadline = time.monotonic() + args.timeout
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"{ranks} ranks did not finish within --timeout={args.timeout} s")
+        out_file = str(Path(tmp) / "rows.pt")
+        C.spawn_ranks(_worker, ranks, (args, ref_dir, out_file), args.timeout)
         return torch.load(out_file)
 
 

@@ -20,14 +20,20 @@ The local context is 256 tokens (one chunk), so a query can only be answered thr
 layer. All data is generated from ``numpy.random.default_rng([seed, step])`` (training) or
 ``default_rng([seed, N, 1])`` (eval): deterministic, and resuming a run replays the same batches.
 
-Model: a tiny ``LlamaForCausalLM`` (default hidden 128, 4 layers, 4 heads of 32, 4.3 MB of fp32
-weights, 1.07M params) with one memory layer in the upper half (default ``layers // 2``;
-``config.mem_layers``, read by ``enable_memory``). ``--head-dim``, ``--kv-heads`` (GQA) and
-``--rope-theta`` are options (memory keys are un-rotated, queries rotated: only the RoPE planes
-that turn little over 256 positions can match memory, more of them with a larger theta).
-``--init-from CKPT`` starts from another run's weights (e.g. the trained baseline: FoT as continued
-training of an existing model, as LongLLaMA was made from OpenLLaMA). ``--device cuda`` runs the
-same code on a GPU (the package's GPU backends).
+Model: a tiny ``LlamaForCausalLM`` (defaults: hidden 128, 2 layers, 8 heads of 32, RoPE theta 1e6,
+0.67M parameters, 2.6 MiB of fp32 safetensors) with one memory layer in the upper half (default
+``layers // 2``, here layer 1; ``config.mem_layers``, read by ``enable_memory``). Memory keys are
+un-rotated and queries rotated, so only the RoPE planes that turn little over a chunk can match
+memory: a large theta gives more of them. With 2 layers the lookup is the classic two-step circuit
+(layer 0 gathers the key tokens, the memory layer matches and copies); in 4-layer probes the
+in-context lookup of the baseline lived in layers 1 and 3, not in the memory layer 2, so it did
+not carry over to memory. ``--init-from CKPT`` starts from another run's weights (curriculum
+stages: FoT as continued training). ``--device cuda`` runs the same code on a GPU.
+
+Curriculum (``results/dictionary_lookup/train.sh``, the committed runs): from scratch at 256-token
+chunks every probe stayed at chance for millions of tokens; at 32-token chunks (3 definitions)
+the circuit forms within ~150 steps and carries over to 64, 128 and 256 in a few dozen steps each
+(``--stop-acc`` ends a stage once learned).
 
 Training (``train``): the package's CrossBatch training mode
 (``fot_kernels.integrations.transformers.enable_crossbatch``) on the memory layer, with
@@ -52,7 +58,10 @@ memory window's own attention output is not needed), then hands that store to th
 model for the query chunks; ``--fill package`` runs the package's windowed forward over the whole
 document (each window also attends to the memory: quadratic, small N only). The test checks that
 both give the same predictions. The baseline sees the last 512 tokens (the last definition chunk
-and the query chunk).
+and the query chunk). ``--ranks P`` spawns P gloo processes (a file store:
+no network) that run the same inputs, each keeping 1/P of the memory (slot g on rank g mod P:
+``enable_memory(process_group=...)``, docs/DESIGN.md 7); the JSON then records ``ranks`` and
+``peak_rss_per_rank``.
 
 Metric: ``accuracy`` = fraction of queries whose 4 value tokens are all the argmax (over the whole
 vocabulary) of the teacher-forced logits (= greedy decoding of the query's values; earlier queries
@@ -540,7 +549,12 @@ def train(args) -> dict:
             phase = 1
             why = f">= {args.switch_acc}" if reached else f"(--switch-step {args.switch_step})"
             log(f"step {step + 1}: train value accuracy {np.mean(history):.4f} {why}: d 1 -> {d_max}")
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            history = []  # --stop-acc is judged on d = d_max steps only
+        stop = (
+            args.stop_acc is not None and (variant != "fot" or phase == 1) and len(history) >= args.switch_window
+            and float(np.mean(history)) >= args.stop_acc
+        )  # fmt: skip
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps or stop:
             loss, c, n, e, q, k = window_stats
             last = {
                 "step": step + 1, "loss": loss / k, "value_token_acc": c / max(n, 1), "query_exact_acc": e / max(q, 1),
@@ -556,11 +570,14 @@ def train(args) -> dict:
                 f.write(json.dumps(last) + "\n")
             window_stats[:] = 0
             window_tokens = window_time = 0.0
+        if stop:
+            log(f"step {step + 1}: train value accuracy {np.mean(history):.4f} >= --stop-acc {args.stop_acc}: stop")
+            break
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             snapshot = {**meta, "phase": phase, "acc_history": history}
             save_checkpoint(model, crossbatch, out, snapshot, optimizer, step + 1)
     meta.update(phase=phase, acc_history=history, last_log=last, train_seconds=time.perf_counter() - t0)
-    size = save_checkpoint(model, crossbatch, out, meta, optimizer, args.steps)
+    size = save_checkpoint(model, crossbatch, out, meta, optimizer, last.get("step", args.steps))
     if size > 20 * 2**20:
         log(f"WARNING: model.safetensors is {size / 2**20:.1f} MiB (> 20 MiB: too big to commit)")
     log(f"saved {out / 'model.safetensors'} ({size / 2**20:.2f} MiB) and {out / CONFIG_NAME}")
@@ -579,12 +596,24 @@ class _Stop(Exception):
     pass
 
 
-def fill_memory_fast(model, definitions: torch.Tensor, layer: int, mem_dtype: torch.dtype, batch: int):
+def fill_memory_fast(
+    model, definitions: torch.Tensor, layer: int, mem_dtype: torch.dtype, batch: int, group=None
+):
     """A :class:`fot_kernels.memory.MemoryStore` (1 row) holding the memory layer's un-rotated keys
     and values of every definition chunk, in order, computed with the layers below it only (the
-    stock model, windows of one chunk, batched)."""
+    stock model, windows of one chunk, ``batch`` chunks at a time).
+
+    ``group`` (a torch.distributed process group of P ranks, all calling this with the same
+    arguments): this rank's store holds only the slots ``g`` with ``g mod P == rank`` (the share a
+    sharded ``enable_memory(process_group=...)`` cache of that rank keeps: docs/DESIGN.md 7). The
+    work is shared: in each round every rank computes one batch of chunks, and an all_gather
+    hands every rank the round's keys/values (a one-off O(memory) exchange of the fill; the
+    attention calls afterwards communicate O(queries) only)."""
+    import torch.distributed as dist
+
     from fot_kernels.memory import MemoryStore
 
+    rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     attn = model.model.layers[layer].self_attn
     heads, dim = model.config.num_key_value_heads, attn.head_dim
     num, chunk = definitions.shape
@@ -593,7 +622,7 @@ def fill_memory_fast(model, definitions: torch.Tensor, layer: int, mem_dtype: to
         batch_size=1,
         num_kv_heads=heads,
         head_dim=dim,
-        capacity=max(num * chunk, chunk),
+        capacity=max(-(-num * chunk // world), chunk),
         dtype=mem_dtype,
         device=definitions.device,
     )
@@ -606,45 +635,74 @@ def fill_memory_fast(model, definitions: torch.Tensor, layer: int, mem_dtype: to
         got["v"] = out
         raise _Stop
 
+    def keys_values(beg: int) -> torch.Tensor:
+        """[2 (k, v), 1, heads, nb * chunk, dim] of the chunks beg .. beg + batch - 1."""
+        ids = definitions[beg : beg + batch]
+        got.clear()
+        with contextlib.suppress(_Stop):
+            model.model(input_ids=ids, use_cache=False)
+        if set(got) != {"k", "v"}:
+            raise RuntimeError(f"the memory layer's k_proj/v_proj hooks did not run (layer {layer})")
+        nb = ids.shape[0]
+        return torch.stack([got[x].view(nb, chunk, heads, dim).permute(2, 0, 1, 3).reshape(1, heads, nb * chunk, dim)
+                            for x in ("k", "v")])  # fmt: skip
+
+    def keep(beg: int, kv: torch.Tensor) -> None:  # this rank's slots g = beg * chunk + j, g mod P == rank
+        first = (rank - beg * chunk) % world
+        store.append(layer, kv[0][:, :, first::world], kv[1][:, :, first::world])
+
+    starts = list(range(0, num, batch))
     hooks = [attn.k_proj.register_forward_hook(key_hook), attn.v_proj.register_forward_hook(value_hook)]
     try:
         with torch.no_grad():
-            for beg in range(0, num, batch):
-                ids = definitions[beg : beg + batch]
-                got.clear()
-                with contextlib.suppress(_Stop):
-                    model.model(input_ids=ids, use_cache=False)
-                if set(got) != {"k", "v"}:
-                    raise RuntimeError(f"the memory layer's k_proj/v_proj hooks did not run (layer {layer})")
-                nb = ids.shape[0]
-                k, v = (got[x].view(nb, chunk, heads, dim).permute(2, 0, 1, 3).reshape(1, heads, nb * chunk, dim)
-                        for x in ("k", "v"))  # fmt: skip
-                store.append(layer, k, v)
+            for t in range(0, len(starts), world):
+                if world == 1:
+                    keep(starts[t], keys_values(starts[t]))
+                    continue
+                shape = (2, 1, heads, batch * chunk, dim)
+                mine = torch.zeros(shape, dtype=mem_dtype, device=definitions.device)
+                if t + rank < len(starts):
+                    kv = keys_values(starts[t + rank])
+                    mine[:, :, :, : kv.shape[3]] = kv  # rounded to mem_dtype here, as the store would
+                wire = mine.view(torch.uint8)  # gloo has no bf16 (nor int16): send the bytes
+                parts = [torch.empty_like(wire) for _ in range(world)]
+                dist.all_gather(parts, wire, group=group)
+                for i, part in enumerate(parts):
+                    if t + i < len(starts):
+                        beg = starts[t + i]
+                        n = (min(beg + batch, num) - beg) * chunk
+                        part = part.view(mem_dtype)
+                        keep(beg, part[:, :, :, :n])
     finally:
         for h in hooks:
             h.remove()
     return store
 
 
-def memory_logits(model, defs, queries, layers, *, topk, mem_dtype, fill="fast", fill_batch=64):
+def memory_logits(model, defs, queries, layers, *, topk, mem_dtype, fill="fast", fill_batch=64, group=None):
     """Logits ``[Q, chunk, V]`` of each query chunk of ``queries`` ``[Q, chunk]`` as the last
     ``chunk`` tokens of a document whose definition chunks ``defs`` ``[C, chunk]`` fill the memory
     (``enable_memory(topk=...)``, window = last_context_length = chunk), and the seconds spent
     filling the memory and answering. ``fill``: "fast" (:func:`fill_memory_fast`) or "package"
     (the memory-enabled model's windowed forward over the definitions and the first query chunk).
-    Every query chunk gets a fresh local context and reads the same memory."""
+    Every query chunk gets a fresh local context and reads the same memory. ``group``: a
+    torch.distributed process group whose ranks all call this with the same arguments; each keeps
+    1/P of the memory (``enable_memory(process_group=group)``), and all return the same logits."""
     from fot_kernels.integrations.transformers import disable_memory, enable_memory
 
     chunk = defs.shape[1]
+    dist = torch.distributed
+    rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     t1 = time.perf_counter()
     store = None
     if fill == "fast":
-        store = fill_memory_fast(model, defs, layers[0], mem_dtype, fill_batch)
+        store = fill_memory_fast(model, defs, layers[0], mem_dtype, fill_batch, group=group)
     elif fill != "package":
         raise ValueError(f"fill must be 'fast' or 'package', got {fill!r}")
+    capacity = -(-max(defs.numel(), chunk) // world) * world  # a multiple of the group's size
     enable_memory(
-        model, memory_layers=layers, topk=topk, capacity=max(defs.numel(), chunk), window=chunk,
-        last_context_length=chunk, mem_dtype=mem_dtype,
+        model, memory_layers=layers, topk=topk, capacity=capacity, window=chunk,
+        last_context_length=chunk, mem_dtype=mem_dtype, process_group=group,
     )  # fmt: skip
     logits = []
     try:
@@ -660,8 +718,9 @@ def memory_logits(model, defs, queries, layers, *, topk, mem_dtype, fill="fast",
                 cache = model.fot_memory.new_cache()
                 cache.memory = store  # the same (read-only) memory for every query chunk
                 logits.append(model(input_ids=queries[i : i + 1], cache=cache).logits)
-            if store.num_slots(layers[0]) != defs.numel():
-                raise RuntimeError("the memory does not hold exactly the definitions")
+            share = len(range(rank, defs.numel(), world))  # this rank's slots
+            if store.num_slots(layers[0]) != share:
+                raise RuntimeError("the memory does not hold exactly the definitions (this rank's share)")
     finally:
         disable_memory(model)
     return torch.cat(logits), fill_s, time.perf_counter() - t2
@@ -676,14 +735,67 @@ def memory_bytes(model, tokens: int, mem_dtype: torch.dtype) -> int:
 
 
 def evaluate(args) -> dict:
-    from transformers import LlamaForCausalLM
-
-    torch.set_num_threads(args.threads)
+    """``eval``: on this process, or with ``--ranks P`` on P spawned gloo processes that each keep
+    1/P of the memory (the sharded ``enable_memory(process_group=...)``, docs/DESIGN.md 7)."""
     ckpt = Path(args.checkpoint)
     meta = json.loads((ckpt / CONFIG_NAME).read_text())
-    variant, chunk = meta["variant"], meta["chunk"]
     if args.memory_tokens < 1 or args.queries < 1 or args.topk < 1:
         raise ValueError("--memory-tokens, --queries and --topk must be >= 1")
+    if args.ranks < 1:
+        raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+    if args.ranks > 1 and meta["variant"] == "baseline":
+        raise ValueError("--ranks > 1 shards the memory: the baseline has none")
+    if args.ranks == 1:
+        torch.set_num_threads(args.threads)
+        result, logits = _evaluate(args, meta)
+    else:
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import _common as C
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out_file = str(Path(tmp) / "result.pt")
+            C.spawn_ranks(_eval_rank, args.ranks, (args, meta, out_file), args.timeout)
+            result, logits = torch.load(out_file)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if args.logits_out:
+        torch.save(logits, args.logits_out)
+    return result
+
+
+def _eval_rank(rank: int, ranks: int, init_file: str, args, meta: dict, out_file: str) -> None:
+    """One rank of a sharded eval: the same inputs on every rank, 1/P of the memory here."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _common as C
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks,
+                            timeout=timedelta(seconds=args.timeout))  # fmt: skip
+    try:
+        result, logits = _evaluate(args, meta, group=dist.group.WORLD, quiet=rank != 0)
+        peak = torch.tensor([float(C.status_bytes("VmHWM"))])
+        peaks = [torch.zeros(1) for _ in range(ranks)]
+        dist.all_gather(peaks, peak)
+        result.update(ranks=ranks, peak_rss_per_rank=[float(p) for p in peaks])
+        if rank == 0:
+            torch.save((result, logits), out_file)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _evaluate(args, meta: dict, group=None, quiet: bool = False) -> tuple[dict, torch.Tensor]:
+    from transformers import LlamaForCausalLM
+
+    ckpt = Path(args.checkpoint)
+    variant, chunk = meta["variant"], meta["chunk"]
     mem_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.mem_dtype]
     r = records_per_chunk(chunk)
     num_qc = -(-args.queries // r)
@@ -699,6 +811,7 @@ def evaluate(args) -> dict:
         "memory_tokens_requested": args.memory_tokens, "queries": num_qc * r, "definitions": int(defs.shape[0] * r),
         "topk": None, "seed": args.seed, "chunk": chunk, "threads": torch.get_num_threads(),
         "train_step": meta.get("step"), "crossbatch_impl": meta.get("crossbatch_impl"),
+        "ranks": 1 if group is None else torch.distributed.get_world_size(group),
     }  # fmt: skip
     logits = []
     if variant == "baseline":
@@ -715,15 +828,17 @@ def evaluate(args) -> dict:
             raise ValueError(f"expected one memory layer, got {layers}")
         need = memory_bytes(model, defs.numel(), mem_dtype)
         head_dim = model.config.head_dim
-        print(
-            f"memory: {defs.numel()} tokens x {len(layers)} layer x {model.config.num_key_value_heads} kv heads x "
-            f"{head_dim} dim x 2 (k, v) x {torch.empty((), dtype=mem_dtype).element_size()} B = "
-            f"{need / 2**20:.1f} MiB ({args.mem_dtype})",
-            flush=True,
-        )
+        world = 1 if group is None else torch.distributed.get_world_size(group)
+        if not quiet:
+            print(
+                f"memory: {defs.numel()} tokens x {len(layers)} layer x {model.config.num_key_value_heads} kv heads x "
+                f"{head_dim} dim x 2 (k, v) x {torch.empty((), dtype=mem_dtype).element_size()} B = "
+                f"{need / 2**20:.1f} MiB ({args.mem_dtype})" + (f", 1/{world} on each rank" if world > 1 else ""),
+                flush=True,
+            )  # fmt: skip
         logits, fill_s, query_s = memory_logits(
             model, defs, queries, layers, topk=args.topk, mem_dtype=mem_dtype, fill=args.fill,
-            fill_batch=args.fill_batch,
+            fill_batch=args.fill_batch, group=group,
         )  # fmt: skip
         result.update(
             topk=args.topk, mem_dtype=args.mem_dtype, memory_bytes=need, fill=args.fill, fill_s=fill_s,
@@ -740,16 +855,14 @@ def evaluate(args) -> dict:
         accuracy_last_chunk=float(correct[in_last].float().mean()) if bool(in_last.any()) else None,
         data_s=t_data, total_s=time.perf_counter() - t0, process_cpu_s=time.process_time(),
     )  # fmt: skip
-    print(
-        f"{variant} memory_tokens={result['memory_tokens']} queries={q}: accuracy {e / q:.4f} "
-        f"(value tokens {c / n:.4f}); fill {result['fill_s']:.1f}s, queries {result['query_s']:.1f}s, "
-        f"total {result['total_s']:.1f}s",
-        flush=True,
-    )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
+    if not quiet:
+        print(
+            f"{variant} memory_tokens={result['memory_tokens']} queries={q}: accuracy {e / q:.4f} "
+            f"(value tokens {c / n:.4f}); fill {result['fill_s']:.1f}s, queries {result['query_s']:.1f}s, "
+            f"total {result['total_s']:.1f}s",
+            flush=True,
+        )
+    return result, logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,14 +901,20 @@ def report(args) -> str:
         cells = []
         for v in variants:
             r = table[mem].get(v)
-            cells.append("" if r is None else f"{100 * r['accuracy']:.1f}% (n={r['queries']})")
+            ranks = r.get("ranks", 1) if r is not None else 1
+            cells.append(
+                "" if r is None else f"{100 * r['accuracy']:.1f}% ({100 * r['token_accuracy']:.1f}%; n={r['queries']}"
+                + (f"; {ranks} ranks)" if ranks > 1 else ")")
+            )  # fmt: skip
         lines.append(f"| {_fmt_tokens(mem)} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out_md = Path(args.out_md or os.path.join(args.results, "accuracy.md"))
     header = (
         "Dictionary lookup (arXiv 2307.03170 5.2 / appendix D, CPU scale): per-query exact accuracy of the 4 "
-        "value tokens (greedy, teacher-forced) vs memory tokens; FoT/no-negatives: kNN memory, k = "
-        f"{sorted({r['topk'] for r in rows if r.get('topk')})}; baseline: 512-token context.\n\n"
+        "value tokens (greedy, teacher-forced) vs memory tokens, in brackets the accuracy of single value tokens, the "
+        "number of queries and, where the memory was sharded (enable_memory(process_group=...)), the number of "
+        f"gloo ranks; FoT/no-negatives: kNN memory, k = {sorted({r['topk'] for r in rows if r.get('topk')})}; "
+        "baseline: 512-token context.\n\n"
     )
     out_md.write_text(header + text)
     print(text)
@@ -809,14 +928,16 @@ def report(args) -> str:
         return text
     fig, ax = plt.subplots(figsize=(6, 4))
     for v in variants:
-        pts = sorted((m, t[v]["accuracy"]) for m, t in table.items() if v in t)
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=v)
+        pts = sorted((m, t[v]["accuracy"], t[v]["token_accuracy"]) for m, t in table.items() if v in t)
+        (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{v}: queries")
+        ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], marker=".", ls="--", color=line.get_color(),
+                alpha=0.6, label=f"{v}: value tokens")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("memory tokens")
-    ax.set_ylabel("queries with all 4 values right (%)")
+    ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.set_title("Dictionary lookup: accuracy vs memory size")
     fig.tight_layout()
     out_png = Path(args.out_png or os.path.join(args.results, "accuracy.png"))
@@ -848,16 +969,21 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--chunk", type=int, default=CHUNK, help="tokens per chunk = local context (paper: 256)")
     t.add_argument("--hidden", type=int, default=128)
     t.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
-    t.add_argument("--layers", type=int, default=4)
-    t.add_argument("--heads", type=int, default=4)
-    t.add_argument("--kv-heads", type=int, default=4)
-    t.add_argument("--head-dim", type=int, default=None, help="default hidden // heads")
-    t.add_argument("--rope-theta", type=float, default=10000.0)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--heads", type=int, default=8)
+    t.add_argument("--kv-heads", type=int, default=8)
+    t.add_argument("--head-dim", type=int, default=32, help="0: hidden // heads")
+    t.add_argument("--rope-theta", type=float, default=1e6)
     t.add_argument("--memory-layer", type=int, default=None, help="default layers // 2")
     t.add_argument("--d-max", type=int, default=None, help="cross_batch_range after the switch (default B - 1)")
     t.add_argument("--switch-acc", type=float, default=0.98, help="train value accuracy that switches d 1 -> d-max")
     t.add_argument("--switch-window", type=int, default=20, help="steps averaged for --switch-acc")
     t.add_argument("--switch-step", type=int, default=None, help="switch d at this step at the latest (default: never)")
+    t.add_argument(
+        "--stop-acc", type=float, default=None,
+        help="end the run early once the train value accuracy (mean of --switch-window steps; for fot: after "
+        "the switch to d-max) reaches this (curriculum stages)",
+    )  # fmt: skip
     t.add_argument("--no-negatives", action="store_true", help="d = 1 throughout (own definitions only)")
     t.add_argument("--baseline", action="store_true", help="no memory, 512-token context")
     t.add_argument("--crossbatch-impl", choices=("auto", "package", "fallback"), default="auto")
@@ -880,6 +1006,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--fill", choices=("fast", "package"), default="fast")
     e.add_argument("--fill-batch", type=int, default=64, help="definition chunks per batch (fast fill)")
     e.add_argument("--query-batch", type=int, default=16, help="query chunks per batch (baseline)")
+    e.add_argument("--ranks", type=int, default=1, help="shard the memory over this many gloo processes (1/P each)")
+    e.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before a sharded eval is killed")
+    e.add_argument("--logits-out", default=None, help="also save the query logits [Q, chunk, V] (torch.save)")
     e.set_defaults(func=evaluate)
     r = sub.add_parser("report", help="table + plot from eval JSONs")
     r.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "dictionary_lookup"))

@@ -223,6 +223,19 @@ def test_end_to_end_train_eval_report(tmp_path):
             assert 0.0 <= data["accuracy"] <= data["token_accuracy"] <= 1.0
             assert data["total_s"] > 0 and "fill_s" in data and "query_s" in data
             assert data["variant"] == {"fot": "fot", "base": "baseline", "noneg": "no-negatives"}[ckpt.name]
+    # the memory sharded over 2 gloo ranks (1/2 each, enable_memory(process_group=...); bf16 memory; the fill
+    # shared in rounds of 2 batches of 3 chunks, the last round partial): the same logits
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    for ranks, out in ((1, one), (2, two)):
+        DL.main(["eval", "--checkpoint", str(fot), "--memory-tokens", "1024", "--queries", "12", "--topk", "4",
+                 "--threads", "1", "--ranks", str(ranks), "--timeout", "300", "--fill-batch", "3",
+                 "--logits-out", str(out), "--json", str(tmp_path / f"ranks{ranks}.json")])  # fmt: skip
+    sharded = json.loads((tmp_path / "ranks2.json").read_text())
+    assert sharded["ranks"] == 2 and len(sharded["peak_rss_per_rank"]) == 2
+    assert torch.isfinite(torch.load(one)).all()
+    torch.testing.assert_close(torch.load(two), torch.load(one), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="baseline"):
+        DL.main(["eval", "--checkpoint", str(base), "--memory-tokens", "256", "--ranks", "2"])
     text = DL.main(["report", "--results", str(results)])
     assert "| 1k |" in text and "baseline" in text and "no-negatives" in text
     assert (results / "accuracy.md").is_file()
