@@ -45,9 +45,9 @@ rows). d = 1 until the training value-token accuracy (mean of the last ``--switc
 reaches ``--switch-acc`` (paper: 98%), or at ``--switch-step`` at the latest, then ``--d-max``
 (default B - 1; paper: 128). ``--no-negatives``: d = 1 throughout (the ablation).
 ``--baseline``: no memory, 512-token context, trains on the whole documents as B/2 rows of 512
-(the same tokens per step). Until the package's ``enable_crossbatch`` exists, ``--crossbatch-impl
-fallback`` (chosen by ``auto`` with a warning) runs ``fot_kernels.crossbatch_attention`` through a
-local attention function with the same semantics; the run's JSON records which one ran.
+(the same tokens per step). ``--crossbatch-impl fallback`` runs ``fot_kernels.crossbatch_attention``
+through a local attention function with the same semantics instead (a cross-check, tested equal);
+the run's JSON records which one ran.
 
 Evaluation (``eval``), as the paper: a document of N memory tokens of definitions, queries only in
 the last 256 tokens, kNN memory attention with k = ``--topk`` (32) through
@@ -185,9 +185,20 @@ def value_positions(chunk: int = CHUNK) -> np.ndarray:
     return (base + np.arange(VAL_LEN)[None]).reshape(-1)
 
 
-def training_documents(seed: int, step: int, num_docs: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+def training_documents(
+    seed: int, step: int, num_docs: int, chunk: int = CHUNK, hard: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """The documents of training step ``step``: tokens and labels ``[num_docs, 2 * chunk]``
-    (definition chunk, then the query chunk asking each of its definitions once, in random order)."""
+    (definition chunk, then the query chunk asking each of its definitions once, in random order).
+
+    ``hard`` (hard negatives inside the document): this fraction of each document's keys are
+    near-copies of another of its keys, differing in one symbol at a random position, and the
+    definitions are shuffled. A query must then tell its key from one that shares 3 of its 4
+    symbols, as in a large memory (at 256k memory tokens ~30% of the queries have such a
+    distractor; among the ~800 keys a d = 31 training step shows, ~1%). ``hard = 0`` draws
+    exactly the data of the plain task."""
+    if not 0.0 <= hard < 1.0:
+        raise ValueError(f"hard must be in [0, 1), got {hard}")
     rng = np.random.default_rng([seed, step])
     r = records_per_chunk(chunk)
     codes = rng.integers(0, NUM_KEYS, size=(num_docs, r), dtype=np.int64)
@@ -195,6 +206,17 @@ def training_documents(seed: int, step: int, num_docs: int, chunk: int = CHUNK) 
         while np.unique(codes[i]).size < r:
             codes[i] = unique_codes(rng, r)
     keys = codes_to_symbols(codes)
+    n_hard = min(round(hard * r), r - 1)
+    for i in range(num_docs if n_hard else 0):
+        for t in range(r - n_hard, r):  # key t := an earlier key with one symbol changed, unique
+            while True:
+                new = keys[i, rng.integers(0, r - n_hard)].copy()
+                pos = rng.integers(0, KEY_LEN)
+                new[pos] = (new[pos] + rng.integers(1, NUM_SYMBOLS)) % NUM_SYMBOLS
+                if not (keys[i, :t] == new).all(-1).any():
+                    keys[i, t] = new
+                    break
+        keys[i] = keys[i, rng.permutation(r)]
     values = rng.integers(0, NUM_SYMBOLS, size=(num_docs, r, VAL_LEN), dtype=np.int64)
     order = rng.permuted(np.tile(np.arange(r), (num_docs, 1)), axis=1)
     defs = definition_chunks(keys, values, chunk)[:, 0]
@@ -526,7 +548,7 @@ def train(args) -> dict:
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        tokens, labels = training_documents(args.seed, step, docs_per_step, args.chunk)
+        tokens, labels = training_documents(args.seed, step, docs_per_step, args.chunk, args.hard_keys)
         rows = args.chunk if variant != "baseline" else 2 * args.chunk
         ids = torch.from_numpy(tokens.reshape(-1, rows)).to(device)  # a document's chunks: rows 2s, 2s+1
         lab = torch.from_numpy(labels.reshape(-1, rows)).to(device)
@@ -553,7 +575,7 @@ def train(args) -> dict:
         stop = (
             args.stop_acc is not None and (variant != "fot" or phase == 1) and len(history) >= args.switch_window
             and float(np.mean(history)) >= args.stop_acc
-        )  # fmt: skip
+        ) or (args.stop_step is not None and step + 1 >= args.stop_step)  # fmt: skip
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps or stop:
             loss, c, n, e, q, k = window_stats
             last = {
@@ -571,7 +593,9 @@ def train(args) -> dict:
             window_stats[:] = 0
             window_tokens = window_time = 0.0
         if stop:
-            log(f"step {step + 1}: train value accuracy {np.mean(history):.4f} >= --stop-acc {args.stop_acc}: stop")
+            why = f"--stop-step {args.stop_step}" if args.stop_step is not None and step + 1 >= args.stop_step else (
+                f"train value accuracy {np.mean(history):.4f} >= --stop-acc {args.stop_acc}")  # fmt: skip
+            log(f"step {step + 1}: {why}: stop")
             break
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             snapshot = {**meta, "phase": phase, "acc_history": history}
@@ -983,6 +1007,11 @@ def parser() -> argparse.ArgumentParser:
         "--stop-acc", type=float, default=None,
         help="end the run early once the train value accuracy (mean of --switch-window steps; for fot: after "
         "the switch to d-max) reaches this (curriculum stages)",
+    )  # fmt: skip
+    t.add_argument("--stop-step", type=int, default=None, help="end the run after this step (the schedule of --steps)")
+    t.add_argument(
+        "--hard-keys", type=float, default=0.0,
+        help="fraction of each document's keys that are near-copies (one symbol changed) of another of its keys",
     )  # fmt: skip
     t.add_argument("--no-negatives", action="store_true", help="d = 1 throughout (own definitions only)")
     t.add_argument("--baseline", action="store_true", help="no memory, 512-token context")

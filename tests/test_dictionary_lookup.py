@@ -81,6 +81,27 @@ def test_training_documents_deterministic():
     assert not np.array_equal(a[0], DL.training_documents(seed=2, step=4, num_docs=3)[0])
 
 
+@pytest.mark.parametrize("hard", [0.5, 0.9])
+def test_training_documents_hard_keys(hard):
+    """--hard-keys: a fraction of each document's keys are one-symbol variants of another of its
+    keys (still unique, still all asked once), the definitions shuffled; hard = 0 is the plain data."""
+    plain = DL.training_documents(seed=3, step=7, num_docs=4)
+    np.testing.assert_array_equal(DL.training_documents(seed=3, step=7, num_docs=4, hard=0.0)[0], plain[0])
+    tokens, labels = DL.training_documents(seed=3, step=7, num_docs=4, hard=hard)
+    np.testing.assert_array_equal(labels != DL.IGNORE, plain[1] != DL.IGNORE)
+    n_hard = round(hard * R)
+    for doc in tokens:
+        d, q = _records(doc[1:CHUNK], DL.KEY), _records(doc[CHUNK:], DL.QRY)
+        assert sorted(q) == sorted(d) and len({k for k, _ in d}) == R
+        keys = np.array([k for k, _ in d])
+        differ = (keys[:, None] != keys[None]).sum(-1)
+        np.fill_diagonal(differ, 9)
+        near = differ.min(1) == 1
+        assert near.sum() >= n_hard + 1  # each variant and its original have a one-symbol neighbour
+    with pytest.raises(ValueError, match="hard"):
+        DL.training_documents(seed=3, step=7, num_docs=1, hard=1.0)
+
+
 def test_eval_document_queries_need_memory():
     doc = DL.eval_document(seed=5, memory_tokens=3000, num_query_chunks=3)
     defs, queries, labels = doc["definitions"], doc["queries"], doc["labels"]
@@ -192,8 +213,9 @@ def test_end_to_end_train_eval_report(tmp_path):
     small = ["--chunk", "64", "--hidden", "32", "--layers", "3", "--heads", "4", "--kv-heads", "2", "--threads", "1"]
     common = ["--batch-size", "4", "--log-every", "2", "--quiet", *small]
     fot = tmp_path / "fot"
-    meta = DL.main(["train", "--out", str(fot), "--steps", "3", "--d-max", "3", "--switch-step", "2",
-                    "--switch-window", "1", *common])  # fmt: skip
+    meta = DL.main(["train", "--out", str(fot), "--steps", "5", "--stop-step", "3", "--d-max", "3",
+                    "--switch-step", "2", "--switch-window", "1", "--hard-keys", "0.5", *common])  # fmt: skip
+    assert "--stop-step 3: stop" in (fot / "train.log").read_text()
     assert meta["variant"] == "fot" and meta["phase"] == 1 and meta["memory_layers"] == [1]
     log = [json.loads(line) for line in (fot / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 3] and np.isfinite(log[-1]["loss"])
