@@ -831,7 +831,7 @@ def _evaluate(args, meta: dict, group=None, quiet: bool = False) -> tuple[dict, 
     t_data = time.perf_counter() - t0
     model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
     result = {
-        "variant": variant, "checkpoint": str(ckpt), "memory_tokens": int(defs.numel()),
+        "variant": variant, "label": args.label or variant, "checkpoint": str(ckpt), "memory_tokens": int(defs.numel()),
         "memory_tokens_requested": args.memory_tokens, "queries": num_qc * r, "definitions": int(defs.shape[0] * r),
         "topk": None, "seed": args.seed, "chunk": chunk, "threads": torch.get_num_threads(),
         "train_step": meta.get("step"), "crossbatch_impl": meta.get("crossbatch_impl"),
@@ -915,8 +915,9 @@ def report(args) -> str:
         raise SystemExit(f"no eval JSONs under {args.results}")
     table: dict[int, dict[str, dict]] = {}
     for r in rows:
-        table.setdefault(r["memory_tokens"], {})[r["variant"]] = r
-    variants = [v for v in VARIANTS if any(v in t for t in table.values())]
+        table.setdefault(r["memory_tokens"], {})[r.get("label") or r["variant"]] = r
+    labels = {r.get("label") or r["variant"] for r in rows}  # the variants first, then other labels by name
+    variants = [v for v in VARIANTS if v in labels] + sorted(labels - set(VARIANTS))
     lines = [
         "| memory tokens | " + " | ".join(variants) + " |",
         "|---:|" + "---:|" * len(variants),
@@ -950,7 +951,7 @@ def report(args) -> str:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return text
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for v in variants:
         pts = sorted((m, t[v]["accuracy"], t[v]["token_accuracy"]) for m, t in table.items() if v in t)
         (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{v}: queries")
@@ -961,7 +962,7 @@ def report(args) -> str:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Dictionary lookup: accuracy vs memory size")
     fig.tight_layout()
     out_png = Path(args.out_png or os.path.join(args.results, "accuracy.png"))
@@ -1035,6 +1036,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--fill", choices=("fast", "package"), default="fast")
     e.add_argument("--fill-batch", type=int, default=64, help="definition chunks per batch (fast fill)")
     e.add_argument("--query-batch", type=int, default=16, help="query chunks per batch (baseline)")
+    e.add_argument("--label", default=None, help="the column of this result in the report (default: the variant)")
     e.add_argument("--ranks", type=int, default=1, help="shard the memory over this many gloo processes (1/P each)")
     e.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before a sharded eval is killed")
     e.add_argument("--logits-out", default=None, help="also save the query logits [Q, chunk, V] (torch.save)")

@@ -283,3 +283,19 @@ def test_layout_is_the_k_packing_batchers():
         assert rows.shape == (4, 64)
         for s in range(2):
             assert tuple(np.concatenate([rows[2 * s], rows[2 * s + 1]])) in docs
+
+
+def test_committed_checkpoints_answer_from_memory(tmp_path):
+    """The committed FoT checkpoint (benchmarks/results/dictionary_lookup/fot, trained with
+    enable_crossbatch) answers through enable_memory(topk=32) from a 16k-token memory, as its
+    results table says (100%); the 512-context baseline cannot (its window holds 1/64 of them)."""
+    results = Path(DL.__file__).resolve().parent / "results" / "dictionary_lookup"
+    out = {}
+    for variant in ("fot", "baseline"):
+        path = tmp_path / f"{variant}.json"
+        DL.main(["eval", "--checkpoint", str(results / variant), "--memory-tokens", "16384", "--queries", "100",
+                 "--threads", "1", "--json", str(path)])  # fmt: skip
+        out[variant] = json.loads(path.read_text())
+    assert out["fot"]["variant"] == "fot" and out["fot"]["topk"] == 32 and out["fot"]["queries"] == 100
+    assert out["fot"]["accuracy"] >= 0.95
+    assert out["baseline"]["accuracy"] <= 0.1
