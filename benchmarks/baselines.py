@@ -1,6 +1,6 @@
 """The baselines every benchmark compares the package's ops with, one copy each, in plain PyTorch.
 
-Imported by bench_cpu.py, bench_gpu.py, bench_hf_prefill.py and test_bench_ops.py, and checked
+Imported by bench_cpu.py, bench_gpu.py, bench_hf_prefill.py, bench_crossbatch.py and test_bench_ops.py, and checked
 against the reference in tests/test_bench_gpu.py. Every function runs on CPU and CUDA tensors.
 Layout as in the package: query ``[B, Hq, Lq, D]``, local key/value ``[B, Hkv, Lk, D]``, memory
 ``[B, Hkv, M, D]``; query head h reads kv head ``h // G`` with ``G = Hq // Hkv``. The local causal
@@ -16,6 +16,7 @@ is valid unless a function takes ``mem_valid`` (bool ``[B, M]``).
 - :func:`chunked_topk`: the plain chunked top-k loop; :func:`attend_selected`: the joint softmax
   over [local causal | given memory slots]; together the unfused kNN memory attention.
 - :func:`score_product`: ``q @ K^T`` alone (the throughput ceiling of the score product).
+- :func:`crossbatch_gather_sdpa`: FoT's CrossBatch attention as gather + SDPA (bench_crossbatch.py).
 - :func:`grouped_rows` / :func:`ungrouped`, :func:`chunk_for`, :func:`longllama_grouping`,
   :func:`longllama_saved_bytes`, :func:`sdpa_concat_bytes`: helpers.
 
@@ -314,6 +315,27 @@ def sdpa_concat(
     Same result as ``memory_attention(..., topk=None)`` (except for rows with nothing to see)."""
     kc, vc, mask = sdpa_concat_inputs(query, key, value, mem_keys, mem_values, causal=causal, mem_valid=mem_valid)
     return sdpa(query, kc, vc, mask, scale=scale)
+
+
+def crossbatch_gather_sdpa(query: Tensor, key: Tensor, value: Tensor, mem_keys: Tensor, *, d: int, pack) -> Tensor:
+    """FoT's CrossBatch attention (docs/DESIGN.md 3.5) as a user writes it in PyTorch: gather each
+    row b's context rows ``(b - c) mod B``, c = 1..d, of ``mem_keys`` and ``value`` into
+    ``[B, Hkv, d * L, D]``, concatenate the local keys, and one :func:`sdpa` with a bool mask
+    (context c of row b visible iff ``c < pack[b]``, FoT's packing/stepping rule, e.g.
+    ``fot_kernels.crossbatch.crossbatch_pack``; local keys causal). Differentiable through the
+    gather. A copy of the d contexts per row."""
+    batch, kv_heads, length, dim = key.shape
+    d = min(d, batch)
+    ctx = torch.arange(1, d + 1, device=query.device)
+    source = (torch.arange(batch, device=query.device)[:, None] - ctx[None, :]) % batch  # [B, d]
+    visible = ctx[None, :] < torch.as_tensor(pack, device=query.device)[:, None]  # [B, d]
+
+    def gather(x: Tensor) -> Tensor:
+        return x[source].permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, d * length, dim)
+
+    kc, vc = torch.cat([gather(mem_keys), key], 2), torch.cat([gather(value), value], 2)
+    mask = sdpa_mask(length, length, d * length, mem_valid=visible.repeat_interleave(length, 1), device=query.device)
+    return sdpa(query, kc, vc, mask)
 
 
 def sdpa_concat_bytes(query: Tensor, len_k: int, num_mem: int, kv_heads: int) -> int:

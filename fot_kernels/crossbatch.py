@@ -187,9 +187,10 @@ def _backward(grad_out, query, key, value, mem_keys, key_padding_mask, out, lse,
         key_acc, value_acc, mem_keys_acc = key, value, mem_keys
     rows = _group_queries(query, num_kv_heads, _row_dtype(kernels, query, key_acc, value_acc, mem_keys_acc))
     rows = rows.masked_fill(~q_ok[..., None], 0)  # a NaN/inf query row scored nothing
-    dq = torch.zeros(rows_acc.shape, dtype=acc, device=rows_acc.device)
     d_key = d_value = d_mem = None
-    if batch > 0 and length > 0:
+    if batch == 0 or length == 0:
+        dq = torch.zeros(rows_acc.shape, dtype=acc, device=rows_acc.device)
+    else:
         dq, d_key, d_value = grad_ops.flash_scan_backward(
             rows, key_acc, value_acc, d_out, lse, delta, None, key_padding_mask, scale, length, needs[1] or needs[2]
         )  # fmt: skip

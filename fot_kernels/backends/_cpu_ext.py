@@ -46,8 +46,13 @@ _lock = threading.Lock()
 _loaded: bool | None = None
 _reason: str | None = None
 
-_NATIVE_FLAGS = ["-O3", "-march=native", "-mtune=native", "-fno-math-errno"]
-_PORTABLE_FLAGS = ["-O3", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is inline code (ATen's OpenMP backend); compiled without it, every
+# kernel's parallel_for runs its whole range on one thread. Linked with -fopenmp, the extension
+# uses the libgomp.so.1 that torch has already loaded (same soname): one runtime, one thread pool,
+# torch.set_num_threads applies.
+_OPENMP = ["-fopenmp"]
+_NATIVE_FLAGS = ["-O3", "-march=native", "-mtune=native", "-fno-math-errno", *_OPENMP]
+_PORTABLE_FLAGS = ["-O3", "-fno-math-errno", *_OPENMP]
 
 
 def source_dir() -> Path | None:
@@ -107,7 +112,7 @@ def _build(name: str, flags: list, src: Path) -> None:
         name=name,
         sources=[str(src / s) for s in _SOURCES],
         extra_cflags=[*flags, f"-DFOT_CPU_HEADERS={_headers_digest(src)}"],
-        extra_ldflags=[],
+        extra_ldflags=list(_OPENMP),
         is_python_module=False,
         verbose=os.environ.get("FOT_KERNELS_CPU_EXT_VERBOSE", "0") == "1",
     )
