@@ -49,10 +49,10 @@ _reason: str | None = None
 # -fopenmp: at::parallel_for is inline code (ATen's OpenMP backend); compiled without it, every
 # kernel's parallel_for runs its whole range on one thread. Linked with -fopenmp, the extension
 # uses the libgomp.so.1 that torch has already loaded (same soname): one runtime, one thread pool,
-# torch.set_num_threads applies.
+# torch.set_num_threads applies. A compiler without OpenMP gets the last attempt: one thread.
 _OPENMP = ["-fopenmp"]
-_NATIVE_FLAGS = ["-O3", "-march=native", "-mtune=native", "-fno-math-errno", *_OPENMP]
-_PORTABLE_FLAGS = ["-O3", "-fno-math-errno", *_OPENMP]
+_NATIVE_FLAGS = ["-O3", "-march=native", "-mtune=native", "-fno-math-errno"]
+_PORTABLE_FLAGS = ["-O3", "-fno-math-errno"]
 
 
 def source_dir() -> Path | None:
@@ -105,14 +105,14 @@ def _truncate(text: str, limit: int = 2000) -> str:
     return "...\n" + text[-limit:]
 
 
-def _build(name: str, flags: list, src: Path) -> None:
+def _build(name: str, flags: list, ldflags: list, src: Path) -> None:
     from torch.utils import cpp_extension
 
     cpp_extension.load(
         name=name,
         sources=[str(src / s) for s in _SOURCES],
         extra_cflags=[*flags, f"-DFOT_CPU_HEADERS={_headers_digest(src)}"],
-        extra_ldflags=list(_OPENMP),
+        extra_ldflags=list(ldflags),
         is_python_module=False,
         verbose=os.environ.get("FOT_KERNELS_CPU_EXT_VERBOSE", "0") == "1",
     )
@@ -134,11 +134,12 @@ def _try_load() -> tuple:
     errors = []
     attempts = []
     if os.environ.get("FOT_KERNELS_CPU_EXT_PORTABLE", "0") != "1":
-        attempts.append(("fot_cpu_native", _NATIVE_FLAGS))
-    attempts.append(("fot_cpu_portable", _PORTABLE_FLAGS))
-    for name, flags in attempts:
+        attempts.append(("fot_cpu_native", [*_NATIVE_FLAGS, *_OPENMP], _OPENMP))
+    attempts.append(("fot_cpu_portable", [*_PORTABLE_FLAGS, *_OPENMP], _OPENMP))
+    attempts.append(("fot_cpu_serial", _PORTABLE_FLAGS, []))  # no OpenMP: one thread
+    for name, flags, ldflags in attempts:
         try:
-            _build(name, flags, src)
+            _build(name, flags, ldflags, src)
         except Exception as exc:  # compiler missing, build error, ...
             msg = str(exc)
             if isinstance(exc, FileNotFoundError) or ("ninja" in msg.lower() and "not" in msg.lower()):
