@@ -93,6 +93,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
 # ----------------------------------------------------------------------------------------------
 # tokens and data
 # ----------------------------------------------------------------------------------------------
@@ -775,9 +778,6 @@ def evaluate(args) -> dict:
     else:
         import tempfile
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import _common as C
-
         with tempfile.TemporaryDirectory() as tmp:
             out_file = str(Path(tmp) / "result.pt")
             C.spawn_ranks(_eval_rank, args.ranks, (args, meta, out_file), args.timeout)
@@ -795,9 +795,6 @@ def _eval_rank(rank: int, ranks: int, init_file: str, args, meta: dict, out_file
     from datetime import timedelta
 
     import torch.distributed as dist
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _common as C
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks,

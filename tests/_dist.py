@@ -18,21 +18,24 @@ import torch
 import torch.multiprocessing as mp
 
 
+def poison_fill(t: torch.Tensor) -> torch.Tensor:
+    """Fill a fresh tensor with NaN (float) or -7777 (int16/32/64), in place; other dtypes (uint8,
+    int8, bool: they cannot hold -7777) are left as they are. Used by conftest's ``poison_empty``
+    fixture and by :func:`poison_empty` in spawned children."""
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype in (torch.int16, torch.int32, torch.int64):
+        t.fill_(-7777)
+    return t
+
+
 def poison_empty() -> None:
     """torch.empty / empty_like / new_empty return NaN-filled (float) or -7777 (int) tensors, so
     that an element nobody wrote fails (the ``poison_empty`` fixture of conftest.py, in a child)."""
     real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int16, torch.int32, torch.int64):
-            t.fill_(-7777)
-        return t
-
-    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(real_empty_like(*a, **k))
-    torch.Tensor.new_empty = lambda self, *a, **k: fill(real_new_empty(self, *a, **k))
+    torch.empty = lambda *a, **k: poison_fill(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: poison_fill(real_empty_like(*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: poison_fill(real_new_empty(self, *a, **k))
 
 
 def run_spawned(worker, world: int, init_file: str, deadline_s: float, args: tuple = ()) -> dict[int, dict]:

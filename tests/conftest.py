@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _dist import poison_fill
 
 # Triton kernels run on the CPU through the interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
@@ -25,17 +26,9 @@ def poison_empty(monkeypatch):
     tensors, so that an element a kernel forgets to write fails the comparison. Dtypes that cannot
     hold -7777 (uint8, int8, bool: e.g. the Triton interpreter's scratch) are left as they are."""
     real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int16, torch.int32, torch.int64):
-            t.fill_(-7777)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(real_new_empty(self, *a, **k)))
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_fill(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison_fill(real_new_empty(self, *a, **k)))
 
 
 def _use_cpu_kernels(kind: str, monkeypatch) -> None:
