@@ -41,20 +41,28 @@ and its shard's contribution to d query; one all_reduce of d query (only when qu
 grad) adds the shards' contributions; the local part's gradients (d query, d key, d value) are
 computed identically on every rank, so every rank gets the single-process d query, d key, d value.
 
-Devices: works with gloo (CPU tensors) and NCCL (CUDA tensors); small metadata travels on the
-CPU for gloo and on the current CUDA device for NCCL.
+Devices: NCCL (CUDA tensors; the collectives' buffers on the current CUDA device) and gloo (CPU
+tensors, or CUDA tensors staged through host buffers, e.g. several ranks sharing one GPU, which
+NCCL refuses).
 
 Limits: with a bf16/fp16 query, the local part and the dense shard parts come from the
 single-process ops in the query's dtype, so the merge sees them rounded once more than the
-single-process op does (within the tests' tolerance rule). The kNN partial attention over a
-rank's selected slots runs the C++ gather kernel of the ``cpu`` backend on CPUs (backend "auto" or
-"cpu") and the PyTorch one of ``backends.streaming`` elsewhere (O(Lq * k * D) either way), not a
-GPU kernel. An invalid ``group`` argument (or a process outside the group) is raised on
-that rank alone, before any collective: its peers wait for the process group's timeout.
+single-process op does (within the tests' tolerance rule). An invalid ``group`` argument (or a
+process outside the group) is raised on that rank alone, before any collective: there is no group
+to tell the peers through, so they wait for the process group's timeout (as with any mismatched
+torch.distributed collective).
+
+Kernels: each rank's parts run on the backend the single-process op picks for ``backend`` and its
+shard (``auto``: the C++ kernels on CPUs, Triton or CUDA on GPUs). The kNN partial attention over
+a rank's selected slots is that backend's kernel: Triton's fused attention kernel with the
+selection given (``backends.triton.selected_attention``), the CUDA or C++ ``gather_attention``,
+or the PyTorch one of ``backends.streaming`` (reference / streaming); the backward runs that
+backend's backward kernels (``streaming.memory_attention_backward`` with its ``Kernels``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +73,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _merge, ops
 from . import _validate as V
+from .autograd import needs_grad
 from .backends import streaming
 
 _DTYPE_CODES = {torch.float16: 1.0, torch.bfloat16: 2.0, torch.float32: 3.0, torch.float64: 4.0}
@@ -88,7 +97,7 @@ class _Call:
     group: object
     rank: int
     world: int
-    meta_device: torch.device
+    comm_device: torch.device  # where the collectives' buffers live (see _setup)
     topk: int | None = None
     causal: bool = False
     scale: float = 1.0
@@ -96,6 +105,8 @@ class _Call:
     offset: int = 0  # global index of this rank's slot 0
     num_slots: int = 0  # this rank's M_r
     total_slots: int = 0  # sum of M_r
+    impl: object = None  # attention ops: the backend module serving this rank's part (see _pick_kernels)
+    kernels: streaming.Kernels = streaming.TORCH_KERNELS  # ... and its op-shaped kernels
 
 
 def _setup(op: str, group) -> _Call:
@@ -107,11 +118,13 @@ def _setup(op: str, group) -> _Call:
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of group")
+    # NCCL: buffers on the current CUDA device; gloo (and others): host buffers, whatever the
+    # tensors' device (CUDA tensors over gloo are staged through host memory)
     backend = str(dist.get_backend(group)).lower()
-    meta_device = torch.device("cpu")
+    comm_device = torch.device("cpu")
     if "nccl" in backend:
-        meta_device = torch.device("cuda", torch.cuda.current_device())
-    return _Call(op, group, rank, dist.get_world_size(group), meta_device)
+        comm_device = torch.device("cuda", torch.cuda.current_device())
+    return _Call(op, group, rank, dist.get_world_size(group), comm_device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,11 +165,12 @@ class _Gather:
     """An all_gather of a flat payload of ``numel`` elements (the same count on every rank) plus a
     status element, started at construction (asynchronously: local work may run meanwhile) and
     completed by :meth:`finish`. A rank that failed (``exc``) sends zeros and status 1; then
-    ``finish`` raises on every rank."""
+    ``finish`` raises on every rank. The buffers live on ``call.comm_device``; ``finish`` returns
+    the parts on ``device``."""
 
     def __init__(self, call: _Call, payload: Tensor | None, numel: int, dtype, device, exc) -> None:
-        self.call, self.numel, self.exc = call, numel, exc
-        buf = torch.zeros(numel + 1, dtype=dtype, device=device)
+        self.call, self.numel, self.exc, self.device = call, numel, exc, device
+        buf = torch.zeros(numel + 1, dtype=dtype, device=call.comm_device)
         if exc is None:
             buf[:numel] = payload.reshape(-1)
         else:
@@ -171,7 +185,7 @@ class _Gather:
         numel = self.numel
         if self.exc is not None or bool(torch.stack([p[numel] for p in self.parts]).ne(0).any()):
             _raise_everywhere(self.call, self.exc)
-        return [p[:numel] for p in self.parts]
+        return [p[:numel].to(self.device) for p in self.parts]
 
 
 def _all_gather(call: _Call, payload: Tensor | None, numel: int, dtype, device, exc) -> list[Tensor]:
@@ -179,9 +193,10 @@ def _all_gather(call: _Call, payload: Tensor | None, numel: int, dtype, device, 
     return _Gather(call, payload, numel, dtype, device, exc).finish()
 
 
-def _all_reduce(call: _Call, payload: Tensor | None, like: Tensor, exc) -> Tensor:
-    """Sum over the ranks of a tensor shaped like ``like`` (same dtype), with a status element."""
-    buf = torch.zeros(like.numel() + 1, dtype=like.dtype, device=like.device)
+def _all_reduce(call: _Call, payload: Tensor | None, shape, dtype, device, exc) -> Tensor:
+    """Sum over the ranks of a tensor of ``shape`` and ``dtype`` (returned on ``device``), with a
+    status element."""
+    buf = torch.zeros(math.prod(shape) + 1, dtype=dtype, device=call.comm_device)
     if exc is None:
         buf[:-1] = payload.reshape(-1)
     else:
@@ -190,7 +205,7 @@ def _all_reduce(call: _Call, payload: Tensor | None, like: Tensor, exc) -> Tenso
     dist.all_reduce(buf, group=call.group)
     if exc is not None or bool(buf[-1] != 0):
         _raise_everywhere(call, exc)
-    return buf[:-1].view(like.shape)
+    return buf[:-1].view(shape).to(device)
 
 
 #: what must agree on every rank: the shapes and dtypes of query/key/value and the arguments
@@ -226,7 +241,7 @@ class _Agreement:
         payload = None
         if exc is None:
             payload = torch.tensor([float(num_slots), *fingerprint], dtype=torch.float64)
-        self.gather = _Gather(call, payload, 1 + len(_FINGERPRINT), torch.float64, call.meta_device, exc)
+        self.gather = _Gather(call, payload, 1 + len(_FINGERPRINT), torch.float64, call.comm_device, exc)
 
     def finish(self) -> None:
         call = self.call
@@ -303,15 +318,29 @@ def _select(all_scores: Tensor, all_indices: Tensor, k: int) -> tuple[Tensor, Te
     return _merge.select_topk(all_scores, all_indices, all_indices >= 0, k)
 
 
-def _gather_attention(call: _Call, query: Tensor, mem_values: Tensor):
-    """The kernel of the softmax over given slots, ``(scores, indices [B, Hkv, N, k], values,
-    scale) -> (out, lse)``: the C++ one of the ``cpu`` backend where ``call.backend`` may use it
-    (CPU tensors it serves, extension built), else the PyTorch one of ``backends.streaming``."""
-    if call.backend in ("auto", "cpu") and query.device.type == "cpu":
-        from .backends import cpu
+def _pick_kernels(call: _Call, query, key, value, mem_keys, mem_values, needs_grad: bool) -> None:
+    """Sets ``call.impl``, the backend that serves this rank's part of an attention call (the one
+    the single-process op picks for ``call.backend`` and this shard: the C++ kernels on CPUs, the
+    Triton or CUDA ones on GPUs, ...), and ``call.kernels``, its op-shaped kernels (the PyTorch ones
+    for the reference backend), which run the kNN partial attention and every part's backward.
+    Raises ``BackendUnavailableError`` (a ValueError) when ``call.backend`` cannot serve."""
+    topk = None if call.topk is None else ops._cap_k(call.topk, mem_keys.shape[2])
+    call.impl = ops._pick_backend("memory_attention", call.backend, query, mem_keys, key=key, value=value,
+                                  mem_values=mem_values, topk=topk, needs_grad=needs_grad)  # fmt: skip
+    kernels = getattr(call.impl, "kernels", None)
+    call.kernels = streaming.TORCH_KERNELS if kernels is None else kernels(query, key, value, mem_keys, mem_values)
 
-        return cpu.kernels(query, mem_values).ops.gather_attention
-    return streaming.gather_attention_torch
+
+def _selected_attention(call: _Call, query, mem_keys, mem_values, mem_lengths, mem_mask, scores, selection):
+    """This rank's partial attention over its slots that made the global top-k: ``selection``
+    [B, Hkv, G * Lq, k] local slot indices (-1: another rank's or none), ``scores`` their scores
+    -> (out, lse) in the layout of ``[B, Hq, Lq, (D)]``. Triton re-scores the selected slots in its
+    fused attention kernel (as in its single-process kNN mode); the other backends run their
+    ``gather_attention`` kernel (C++ on CPUs, CUDA, or PyTorch) on the given scores."""
+    if call.impl.NAME == "triton":
+        return call.impl.selected_attention(query, mem_keys, mem_values, selection, softmax_scale=call.scale,
+                                            mem_lengths=mem_lengths, mem_mask=mem_mask)  # fmt: skip
+    return call.kernels.ops.gather_attention(scores, selection, mem_values, call.scale)
 
 
 def _local_part(call: _Call, query, key, value, mem_keys, mem_values) -> tuple[Tensor, Tensor]:
@@ -359,7 +388,8 @@ def _attention_forward(call: _Call, agreement: _Agreement, query, key, value, me
                 num_kv_heads = mem_keys.shape[1]
                 mine = _group_rows(local.masked_fill(~is_mine, -1), num_kv_heads).contiguous()
                 my_scores = _group_rows(scores.to(cd).masked_fill(~is_mine, float("-inf")), num_kv_heads)
-                out_r, lse_r = _gather_attention(call, query, mem_values)(my_scores, mine, mem_values, call.scale)
+                out_r, lse_r = _selected_attention(call, query, mem_keys, mem_values, mem_lengths, mem_mask,
+                                                   my_scores, mine)  # fmt: skip
             except Exception as error:
                 exc = error
         if exc is None:
@@ -397,25 +427,27 @@ class _ShardedAttention(torch.autograd.Function):
         call = ctx.call
         needs = tuple(ctx.needs_input_grad[:5])
         acc = _merge.lse_dtype(_merge.compute_dtype(query, key, value, mem_keys, mem_values))
-        q_acc = query.to(acc)  # d query comes back in acc: summed over the ranks before one rounding
+        # the kernels of the forward's backend; d query comes back in acc: summed over the ranks
+        # (and with the local part's) before one rounding
+        backward = functools.partial(streaming.memory_attention_backward, softmax_scale=call.scale,
+                                     kernels=call.kernels, dq_in_acc=True)  # fmt: skip
         exc = None
         dq_mem = dq_loc = d_key = d_value = d_mem_keys = d_mem_values = None
         try:
-            dq_mem, _, _, d_mem_keys, d_mem_values = streaming.memory_attention_backward(
-                grad_out, grad_lse, q_acc, None, None, mem_keys, mem_values, out, lse, mine, mem_lengths, mem_mask,
-                (needs[0], False, False, needs[3], needs[4]), topk=call.topk, causal=False, softmax_scale=call.scale,
+            dq_mem, _, _, d_mem_keys, d_mem_values = backward(
+                grad_out, grad_lse, query, None, None, mem_keys, mem_values, out, lse, mine, mem_lengths, mem_mask,
+                (needs[0], False, False, needs[3], needs[4]), topk=call.topk, causal=False,
             )  # fmt: skip
             if key is not None and any(needs[:3]):
-                dq_loc, d_key, d_value, _, _ = streaming.memory_attention_backward(
-                    grad_out, grad_lse, q_acc, key, value, mem_keys[:, :, :0], mem_values[:, :, :0], out, lse, None,
+                dq_loc, d_key, d_value, _, _ = backward(
+                    grad_out, grad_lse, query, key, value, mem_keys[:, :, :0], mem_values[:, :, :0], out, lse, None,
                     None, None, (needs[0], needs[1], needs[2], False, False), topk=None, causal=call.causal,
-                    softmax_scale=call.scale,
                 )  # fmt: skip
         except Exception as error:
             exc = error
         d_query = None
         if needs[0]:  # the same on every rank (checked in the forward): every rank reduces
-            d_query = _all_reduce(call, dq_mem, q_acc, exc)
+            d_query = _all_reduce(call, dq_mem, query.shape, acc, query.device, exc)
             if dq_loc is not None:
                 d_query = d_query + dq_loc
             d_query = d_query.to(query.dtype)
@@ -546,7 +578,7 @@ def _attention(op, query, key, value, mem_keys, mem_values, topk, causal, softma
                                     softmax_scale=softmax_scale, mem_lengths=mem_lengths, mem_mask=mem_mask,
                                     return_lse=True, backend=backend)  # fmt: skip
     exc = fingerprint = None
-    num_slots = 0
+    num_slots, grad = 0, False
     try:
         if pre_error is not None:
             raise pre_error
@@ -561,12 +593,14 @@ def _attention(op, query, key, value, mem_keys, mem_values, topk, causal, softma
         mem_lengths, mem_mask = V.check_memory_validity(q, mk, mem_lengths, mem_mask)
         num_slots = mk.shape[2]
         fingerprint = _fingerprint(call, q, key, value, mk, mem_values)
+        grad = needs_grad(q, key, value, mk, mem_values)
+        _pick_kernels(call, q, key, value, mk, mem_values, grad)
     except Exception as error:
         exc = error
     agreement = _Agreement(call, exc, fingerprint, num_slots)  # collective 1, completed in the forward
     if exc is not None:
         agreement.finish()  # raises on every rank
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, key, value, mk, mem_values)):
+    if grad:
         return _ShardedAttention.apply(q, key, value, mk, mem_values, mem_lengths, mem_mask, call, agreement)
     out, lse, _ = _attention_forward(call, agreement, q, key, value, mk, mem_values, mem_lengths, mem_mask)
     return out.to(q.dtype), lse

@@ -8,11 +8,14 @@ float64 oracle, the flash-attention tolerance rule) and that every rank got the 
 children, torch.empty & co. return NaN-filled tensors (as the ``poison_empty`` fixture of
 conftest.py does), so that an element nobody wrote fails. A hang fails: the collectives have a
 timeout and the parent kills the children after ``DEADLINE_S``. Child tracebacks are reported per
-case and rank.
+case and rank. With a GPU, ``test_cuda_tensors_over_gloo`` runs 2 ranks on it with CUDA tensors
+(the Triton, CUDA and streaming kernels).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 import traceback
 from datetime import timedelta
@@ -93,7 +96,8 @@ def shard(inputs: dict, sizes: list[int], rank: int) -> dict:
 def same_on_every_rank(group, *tensors: torch.Tensor) -> None:
     """Every rank of the group holds the same bits (NaN-aware)."""
     for t in tensors:
-        flat = t.detach().reshape(-1).to(torch.float64) if t.is_floating_point() else t.reshape(-1)
+        flat = t.detach().reshape(-1).cpu()
+        flat = flat.to(torch.float64) if flat.is_floating_point() else flat
         parts = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, flat, group=group)
         for r, p in enumerate(parts):
@@ -253,15 +257,16 @@ def case_communication_does_not_grow_with_memory(group, rank, world):
     assert sent == [expected, expected], (sent, expected)
 
 
-def _grad_check(group, rank, sizes, inputs, topk, mem_dtype, local=True, causal=True):
-    """d query/key/value on every rank and d shard = the slice of the single-process gradients."""
+def _grad_check(group, rank, sizes, inputs, topk, mem_dtype, local=True, causal=True, backend="streaming"):
+    """d query/key/value on every rank and d shard = the slice of the single-process gradients
+    (``backend``: the kernels of the forward and of the backward)."""
     import fot_kernels
     from fot_kernels import distributed as fd
     from fot_kernels.testing import assert_close_to_reference
 
     gen = torch.Generator().manual_seed(99)
-    w_out = torch.randn(inputs["q"].shape, generator=gen)
-    w_lse = torch.randn(inputs["q"].shape[:3], generator=gen)
+    w_out = torch.randn(inputs["q"].shape, generator=gen).to(inputs["q"].device)
+    w_lse = torch.randn(inputs["q"].shape[:3], generator=gen).to(inputs["q"].device)
 
     def loss_of(out, lse):
         return (out.double() * w_out).sum() + (torch.where(torch.isinf(lse), 0, lse).double() * w_lse).sum()
@@ -274,11 +279,11 @@ def _grad_check(group, rank, sizes, inputs, topk, mem_dtype, local=True, causal=
             mk, mv = leaf(mine["mk"], mem_dtype or dtype), leaf(mine["mv"], mem_dtype or dtype)
             if local:
                 out, lse = fd.memory_attention(q, k, v, mk, mv, topk=topk, causal=causal, return_lse=True,
-                                               backend="streaming", mem_lengths=mine["mem_lengths"],
+                                               backend=backend, mem_lengths=mine["mem_lengths"],
                                                mem_mask=mine["mem_mask"], group=group)  # fmt: skip
             else:
                 out, lse = fd.knn_attention(q, mk, mv, topk=topk, mem_lengths=mine["mem_lengths"],
-                                            mem_mask=mine["mem_mask"], group=group)  # fmt: skip
+                                            mem_mask=mine["mem_mask"], backend=backend, group=group)  # fmt: skip
         else:
             mk, mv = leaf(inputs["mk"], mem_dtype or dtype), leaf(inputs["mv"], mem_dtype or dtype)
             out, lse = fot_kernels.memory_attention(q, k if local else None, v if local else None, mk, mv, topk=topk,
@@ -308,12 +313,28 @@ def case_gradients(group, rank, world):
     inputs = full_inputs(sizes, 16)
     for topk in (None, 4):
         _grad_check(group, rank, sizes, inputs, topk, None)
-        _grad_check(group, rank, sizes, inputs, topk, None, local=False)
-    _grad_check(group, rank, sizes, inputs, 3, None, causal=False)
+        _grad_check(group, rank, sizes, inputs, topk, None, local=False, backend="auto")  # the C++ kernels
+    _grad_check(group, rank, sizes, inputs, 3, None, causal=False, backend="auto")
     inputs = full_inputs(sizes, 17, mem_dtype=torch.bfloat16)
     _grad_check(group, rank, sizes, inputs, 4, torch.bfloat16)
+    _grad_check(group, rank, sizes, inputs, 4, torch.bfloat16, backend="cpu")
     inputs = full_inputs(sizes, 18, shape=(1, 3, 3, 100, 4, 6))  # MHA, the 3B model's head dim
     _grad_check(group, rank, sizes, inputs, 5, None)
+
+
+def case_triton_backend(group, rank, world):
+    """backend="triton" (the Triton interpreter on the CPU, TRITON_INTERPRET=1 from conftest.py):
+    the shard's top-k, the partial attention over the selected slots (the fused kernel with the
+    selection given) and the backward kernels; fp32 and bf16 memory with a bf16 query."""
+    sizes = shard_sizes(world, 29)
+    inputs = full_inputs(sizes, 30)
+    for topk in (None, 5):
+        _check_attention(group, rank, sizes, inputs, topk, backend="triton")
+        _grad_check(group, rank, sizes, inputs, topk, None, backend="triton")
+    _check_knn(group, rank, sizes, inputs, 5, exact=False, backend="triton")
+    _grad_check(group, rank, sizes, inputs, 4, None, local=False, backend="triton")
+    inputs = full_inputs(sizes, 31, mem_dtype=torch.bfloat16, q_dtype=torch.bfloat16)
+    _check_attention(group, rank, sizes, inputs, 5, backend="triton")
 
 
 def case_other_shapes_and_float64(group, rank, world):
@@ -450,7 +471,7 @@ def case_error_on_one_rank_raises_everywhere(group, rank, world):
     _expect_error(lambda: fd.knn_topk(q_other, mine["mk"], 2, group=group), ValueError, "queries")
     # a kernel that fails on one rank, in each phase
     real_topk, real_attention = ops.knn_topk, ops.knn_attention
-    real_gather = fd._gather_attention
+    real_selected = fd._selected_attention
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated kernel failure")
@@ -463,17 +484,17 @@ def case_error_on_one_rank_raises_everywhere(group, rank, world):
                       "simulated")  # fmt: skip
         ops.knn_topk = real_topk
         if rank == last:  # after the candidates' all_gather, before the partial attentions' one
-            fd._gather_attention = lambda *args: broken
+            fd._selected_attention = broken
         _expect_error(lambda: fd.knn_attention(q, mine["mk"], mine["mv"], topk=2, group=group), RuntimeError,
                       f"rank {last}", "simulated")  # fmt: skip
-        fd._gather_attention = real_gather
+        fd._selected_attention = real_selected
         if rank == last:
             ops.knn_attention = broken
         _expect_error(lambda: fd.memory_attention(q, k, v, mine["mk"], mine["mv"], group=group), RuntimeError,
                       f"rank {last}", "simulated")  # fmt: skip
     finally:
         ops.knn_topk, ops.knn_attention = real_topk, real_attention
-        fd._gather_attention = real_gather
+        fd._selected_attention = real_selected
     # a backward that fails on one rank
     real_backward = streaming.memory_attention_backward
     try:
@@ -487,6 +508,30 @@ def case_error_on_one_rank_raises_everywhere(group, rank, world):
     # the group still works after all of that
     _check_attention(group, rank, sizes, inputs, 3)
 
+
+def on_device(inputs: dict, device) -> dict:
+    """``full_inputs`` moved to ``device`` (the per-shard lists of lengths and masks too)."""
+    move = lambda x: [t.to(device) for t in x] if isinstance(x, list) else x.to(device)  # noqa: E731
+    return {name: move(x) for name, x in inputs.items()}
+
+
+def cuda_case(group, rank, world, backend):
+    """CUDA tensors (gloo stages them through host buffers; several ranks share one GPU, which
+    NCCL refuses): outputs and gradients vs the single-process op, for one backend."""
+    sizes = shard_sizes(world, 40)
+    inputs = on_device(full_inputs(sizes, 41), "cuda")
+    for topk in (None, 5):
+        _check_attention(group, rank, sizes, inputs, topk, backend=backend)
+        _grad_check(group, rank, sizes, inputs, topk, None, backend=backend)
+    _check_knn(group, rank, sizes, inputs, 5, exact=False, backend=backend)
+    inputs = on_device(full_inputs(sizes, 42, mem_dtype=torch.bfloat16, q_dtype=torch.bfloat16), "cuda")
+    _check_attention(group, rank, sizes, inputs, 5, backend=backend)
+    _grad_check(group, rank, sizes, inputs, 5, torch.bfloat16, backend=backend)
+
+
+# Triton serves CPU tensors only through its interpreter (conftest.py sets TRITON_INTERPRET=1
+# where there is no GPU; the children inherit it); on a GPU, test_cuda_tensors_over_gloo runs it
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 
 SOLO_CASES = [
     case_fp32_dense_and_knn,
@@ -504,6 +549,7 @@ CASES = [
     case_communication_does_not_grow_with_memory,
     case_gradients,
     case_gradient_of_memory_only,
+    *([case_triton_backend] if TRITON_ON_CPU else []),
     case_other_shapes_and_float64,
     case_no_queries_and_bad_group,
     case_memory_layer_attention,
@@ -584,3 +630,39 @@ def test_needs_an_initialised_group():
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(RuntimeError, match="initialised"):
         fd.knn_topk(q, torch.randn(1, 1, 3, 4), 2)
+
+
+def _cuda_worker(rank: int, init_file: str, results, world: int, backends: tuple[str, ...]) -> None:
+    report = {}
+    try:
+        torch.set_num_threads(1)
+        torch.cuda.set_device(0)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
+        for backend in backends:
+            started = time.perf_counter()
+            try:
+                cuda_case(None, rank, world, backend)
+                report[backend] = (None, time.perf_counter() - started)
+            except Exception:
+                report[backend] = (traceback.format_exc(), time.perf_counter() - started)
+        dist.destroy_process_group()
+    except BaseException:
+        report[("worker", "")] = (traceback.format_exc(), 0.0)
+    results.put((rank, report))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_over_gloo(tmp_path):
+    """2 ranks on one GPU: backends auto, triton, cuda (when its extension is built) and
+    streaming, CUDA tensors, outputs and gradients (the GPU check runs this)."""
+    from fot_kernels.backends import cuda
+
+    backends = ("auto", "triton", "streaming") + (("cuda",) if cuda.extension_status() is None else ())
+    reports = run_spawned(_cuda_worker, 2, str(tmp_path / "init"), DEADLINE_S, (2, backends))
+    failures = [f"--- rank {rank}, backend {b}:\n{tb}" for rank, rep in reports.items() for b, (tb, _) in rep.items()
+                if tb is not None]  # fmt: skip
+    missing = [(rank, b) for rank in range(2) for b in backends if b not in reports[rank]]
+    assert not missing, f"cases that did not run: {missing}"
+    if failures:
+        pytest.fail("\n".join(failures))

@@ -179,6 +179,52 @@ def test_knn_attention_memory_only(poison_empty, topk):
     _check_attention(c, topk=topk, local=False, scale=0.3)
 
 
+@pytest.mark.parametrize(
+    "q_heads,kv_heads,head_dim,dtype,mem_dtype",
+    [(4, 2, 100, F32, F32), (4, 1, 48, BF16, BF16), (2, 2, 33, F32, BF16)],
+)  # fmt: skip
+def test_selected_attention_over_given_slots(poison_empty, q_heads, kv_heads, head_dim, dtype, mem_dtype):
+    """``selected_attention`` (the distributed op's per-rank kNN partial attention): the softmax over
+    slots chosen elsewhere, with holes (-1, and slot numbers past M: another rank's), a NaN key in a
+    selected slot (dropped) and a row whose every slot is a hole (0, -inf), against the PyTorch
+    gather over exact scores in float64 and in the inputs' precision."""
+    from fot_kernels.backends import streaming
+
+    c = make_case(q_heads=q_heads, kv_heads=kv_heads, len_q=7, len_k=None, slots=40, head_dim=head_dim, dtype=dtype,
+                  mem_dtype=mem_dtype, device=DEVICE, strided_memory=True)  # fmt: skip
+    batch, k, rows = 2, 6, (q_heads // kv_heads) * 7
+    gen = torch.Generator().manual_seed(5)
+    selection = torch.stack([torch.randperm(40, generator=gen)[:k] for _ in range(batch * kv_heads * rows)])
+    selection = selection.view(batch, kv_heads, rows, k)
+    selection[torch.rand(selection.shape, generator=gen) < 0.3] = -1
+    selection[0, 0, 1, 0] = 45  # past M: not this shard's
+    selection[1, -1, 2] = -1  # a row with no slot
+    c.mem_keys[0, 0, int(selection[0, 0, 3, 1].clamp_min(0))] = float("nan")
+    selection = selection.to(DEVICE)
+    scale = head_dim**-0.5
+    out, lse = TB.selected_attention(c.query, c.mem_keys, c.mem_values, selection, softmax_scale=scale)
+    expected = []
+    for dt in (torch.float64, torch.float32):
+        q_rows = c.query.to(dt).reshape(batch, kv_heads, rows, head_dim)
+        ok = (selection >= 0) & (selection < 40)
+        keys = c.mem_keys.to(dt).gather(2, selection.clamp(0, 39).flatten(2)[..., None].expand(-1, -1, -1, head_dim))
+        scores = (keys.view(batch, kv_heads, rows, k, head_dim) * q_rows[:, :, :, None]).sum(-1)
+        scores = scores.masked_fill(~ok | ~torch.isfinite(scores), float("-inf"))
+        sel = selection.masked_fill(~ok, -1)
+        o, lse_ref = streaming.gather_attention_torch(scores, sel, c.mem_values.to(dt), scale)
+        expected.append((o.reshape(out.shape), lse_ref.reshape(lse.shape)))
+    assert out.dtype == lse.dtype == torch.float32
+    assert_close_to_reference(out.cpu(), expected[0][0].cpu(), expected[1][0].cpu(), name="out")
+    assert_close_to_reference(lse.cpu(), expected[0][1].cpu(), expected[1][1].cpu(), name="lse")
+    dead = lse.reshape(batch, kv_heads, rows)[1, -1, 2]
+    assert torch.isneginf(dead) and (out.reshape(batch, kv_heads, rows, -1)[1, -1, 2] == 0).all()
+    empty_out, empty_lse = TB.selected_attention(c.query, c.mem_keys[:, :, :0], c.mem_values[:, :, :0], selection,
+                                                 softmax_scale=scale)  # fmt: skip
+    assert (empty_out == 0).all() and torch.isneginf(empty_lse).all()
+    with pytest.raises(ValueError, match="selection must be int64"):
+        TB.selected_attention(c.query, c.mem_keys, c.mem_values, selection[:, :, :-1], softmax_scale=scale)
+
+
 def test_rows_without_candidates_give_zero_and_neg_inf(poison_empty):
     """Memory fully masked, and Lq > Lk so that early rows see no local key: out 0, lse -inf."""
     c = make_case(q_heads=2, kv_heads=1, len_q=6, len_k=3, slots=40, head_dim=16, device=DEVICE)

@@ -361,12 +361,13 @@ TORCH_GRAD_KERNELS = SimpleNamespace(
 
 def memory_attention_backward(
     grad_out, grad_lse, query, key, value, mem_keys, mem_values, out, lse, indices, mem_lengths, mem_mask, needs,
-    *, topk, causal, softmax_scale, kernels: Kernels = TORCH_KERNELS,
+    *, topk, causal, softmax_scale, kernels: Kernels = TORCH_KERNELS, dq_in_acc: bool = False,
 ) -> tuple[Tensor | None, ...]:
     """Gradients (dq, dk, dv, d mem_keys, d mem_values), each in its input's dtype (None where
     ``needs`` says it is not wanted), accumulated in fp32 (float64 for float64 inputs), by the
     backward kernels ``kernels.grad_ops`` of each part (local, then dense or kNN memory) with the
-    merged lse: the parts' dq are summed; nothing of size Lq x M is held."""
+    merged lse: the parts' dq are summed; nothing of size Lq x M is held. ``dq_in_acc``: dq stays
+    in the accumulation dtype (a partial dq that the caller sums with others before rounding)."""
     batch, num_q_heads, len_q, _ = query.shape
     num_kv_heads = mem_keys.shape[1]
     cd = compute_dtype(query, key, value, mem_keys, mem_values)
@@ -417,7 +418,7 @@ def memory_attention_backward(
     d_query = None
     if needs[0]:
         d_query = (_ungroup(dq, num_q_heads, len_q) if dq is not None else torch.zeros_like(query, dtype=acc))
-        d_query = d_query.to(query.dtype)
+        d_query = d_query.to(acc if dq_in_acc else query.dtype)
     if key is not None:  # a part that did not run (no rows, no keys) has zero gradient
         d_key = _grad_or_zeros(d_key, key, needs[1])
         d_value = _grad_or_zeros(d_value, value, needs[2])

@@ -271,10 +271,12 @@ def _forward(
     softmax_scale: float,
     splits: int | None = None,
     out_dtype: torch.dtype = torch.float32,
+    selection: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The fused forward: (out [B, Hq, Lq, D] in out_dtype, lse fp32 [B, Hq, Lq], the kNN selection
     in the stacked layout [B, Hkv, G * Lq, k] or None). The autograd composition keeps out in fp32
-    (default out_dtype) for the backward's delta = rowsum(dO * O)."""
+    (default out_dtype) for the backward's delta = rowsum(dO * O). ``selection`` (kNN mode): the
+    slots to attend to, given instead of found by ``knn_topk`` (see :func:`selected_attention`)."""
     from ._attention import _attn_fwd_kernel
 
     batch, num_q_heads, len_q, head_dim = query.shape
@@ -295,8 +297,11 @@ def _forward(
     v_loc = _last_dim_contiguous(value) if has_local else q
     len_k = key.shape[2] if has_local else 0
 
-    idx, k_sel, mem_mode, selection = _dummy(device), 0, 0, None
-    if num_slots > 0 and topk is not None:
+    idx, k_sel, mem_mode = _dummy(device), 0, 0
+    if num_slots > 0 and selection is not None:
+        idx = selection.contiguous()
+        k_sel, mem_mode = idx.shape[-1], 2
+    elif num_slots > 0 and topk is not None:
         _, idx = knn_topk(q, mk, topk, mem_lengths=mem_lengths, mem_mask=mem_mask, splits=splits)
         k_sel, mem_mode = topk, 2
         selection = idx.view(batch, num_kv_heads, n_rows, topk)  # [B, Hq, Lq, k] is contiguous: a view
@@ -326,6 +331,30 @@ def _forward(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=C.MAXNREG,
     )  # fmt: skip
     return out, lse, selection
+
+
+def selected_attention(
+    query: Tensor, mem_keys: Tensor, mem_values: Tensor, selection: Tensor, *, softmax_scale: float,
+    mem_lengths: Tensor | None = None, mem_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Softmax of each query over memory slots chosen elsewhere: ``selection`` int64
+    [B, Hkv, G * Lq, k] in the stacked layout of the kNN selection (query head h = kv * G + g:
+    rows g * Lq ...; -1 or a slot >= M: no slot) -> (out fp32 [B, Hq, Lq, D], lse fp32
+    [B, Hq, Lq]). The kNN mode of the fused attention kernel with the selection given: scores
+    recomputed exactly (fp32 products, as the kNN scan makes them), non-finite ones dropped, a row
+    left with no slot gets (0, -inf). ``fot_kernels.distributed`` runs it over the slots of a rank's
+    shard that made the global top-k."""
+    batch, num_q_heads, len_q, _ = query.shape
+    want = (batch, mem_keys.shape[1], (num_q_heads // mem_keys.shape[1]) * len_q)
+    if selection.dtype != torch.int64 or selection.dim() != 4 or tuple(selection.shape[:3]) != want:
+        raise ValueError(f"triton selected_attention: selection must be int64 [B, Hkv, G * Lq, k] = [*{want}, k], "
+                         f"got {selection.dtype} {tuple(selection.shape)}")  # fmt: skip
+    if mem_keys.shape[2] == 0 or selection.shape[-1] == 0:  # no slot to attend to
+        out = query.new_zeros(query.shape, dtype=torch.float32)
+        return out, out.new_full(query.shape[:3], float("-inf"))
+    out, lse, _ = _forward(query, None, None, mem_keys, mem_values, mem_lengths, mem_mask, topk=selection.shape[-1],
+                           causal=False, softmax_scale=softmax_scale, selection=selection)  # fmt: skip
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,5 +586,5 @@ def _op_kernels() -> streaming.Kernels:
 
 __all__ = [
     "NAME", "flash_scan", "flash_scan_backward", "gather_attention_backward", "kernels", "knn_topk",
-    "memory_attention", "unsupported_reasons",
+    "memory_attention", "selected_attention", "unsupported_reasons",
 ]
