@@ -5,6 +5,7 @@ Run (from the repository root)::
     python benchmarks/bench_distributed.py            # 1M, 4M, 16M slots over 1, 2, 4 ranks (16M: ~8 GiB of memory)
     python benchmarks/bench_distributed.py --quick    # smoke run: 64k slots over 1 and 2 ranks, a minute or two
     python benchmarks/bench_distributed.py --slots 1M 4M --ranks 1 2 --modes knn --phases decode
+    python benchmarks/bench_distributed.py --slots 1M 4M --phases train   # forward + backward
 
 What is measured (B=1, fp32 query, memory bf16 ``[1, Hkv, M, D]``, default Hq=4, Hkv=2, D=64):
 for each total memory size M and rank count P, the memory is split into P contiguous shards (one
@@ -13,6 +14,9 @@ shard (backend ``auto``: the C++ CPU kernels), in
 
 - ``decode``: one query (Lq=1) with a local context of ``--local`` keys (causal),
 - ``prefill``: a chunk of ``--chunk`` (256) queries with as many local keys (causal),
+- ``train`` (not in the default phases): the prefill call with its backward, the gradients of the
+  query, local key and value (``torch.autograd.grad``; the memory is frozen, as the memory layers
+  of a model trained through ``enable_memory`` read it), timed from the forward to the gradients;
 
 and two memory modes: ``knn`` (topk=``--k``, default 64) and ``dense`` (topk=None).
 
@@ -22,10 +26,10 @@ and two memory modes: ``knn`` (topk=``--k``, default 64) and ``dense`` (topk=Non
   (``fot_kernels.distributed.bytes_sent``); with all_gather every rank receives (P - 1) times that;
 - peak_rss: the largest peak resident set (VmHWM, reset before each memory size) over the ranks,
   shard included; shard_bytes: the bytes of one rank's shard (keys + values).
-- check: the output of every call at P > 1 is compared with the P = 1 run's output on the same
-  memory (the memory is generated chunk by chunk from a seed, so its concatenation does not depend
-  on P): ``ok`` within 1e-4 (fp32 outputs; sums merged in another order), ``FAIL``, or
-  ``unchecked`` when P = 1 was not run first.
+- check: the output (train: and the gradients) of every call at P > 1 is compared with the P = 1
+  run's on the same memory (the memory is generated chunk by chunk from a seed, so its
+  concatenation does not depend on P): ``ok`` within 1e-4 x max(1, largest magnitude) (fp32; sums
+  merged in another order), ``FAIL``, or ``unchecked`` when P = 1 was not run first.
 
 Each rank gets ``--threads`` // P intra-op threads (default: every logical CPU): the comparison
 over P is at a fixed machine, not a fixed per-rank budget.
@@ -104,14 +108,19 @@ def _worker(rank: int, ranks: int, init_file: str, args: argparse.Namespace, ref
             query = torch.randn(1, heads, len_q, dim, generator=gen)
             key = torch.randn(1, kv_heads, len_k, dim, generator=gen)
             value = torch.randn(1, kv_heads, len_k, dim, generator=gen)
+            grad_out = torch.randn(query.shape, generator=gen)
             for mode in args.modes:
                 topk = args.k if mode == "knn" else None
                 times, sent, out = [], 0, None
                 for call in range(args.repeats + 1):
+                    leaves = [t.detach().requires_grad_(phase == "train") for t in (query, key, value)]
                     dist.barrier()
                     before_bytes = fd.bytes_sent()
                     started = time.perf_counter()
-                    result = fd.memory_attention(query, key, value, mem_keys, mem_values, topk=topk, causal=True)
+                    result = fd.memory_attention(*leaves, mem_keys, mem_values, topk=topk, causal=True)
+                    if phase == "train":
+                        grads = torch.autograd.grad(result, leaves, grad_out)
+                        result = torch.cat([result.detach().flatten(), *(g.flatten() for g in grads)])
                     elapsed = torch.tensor([time.perf_counter() - started])
                     sent = fd.bytes_sent() - before_bytes
                     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
@@ -125,8 +134,8 @@ def _worker(rank: int, ranks: int, init_file: str, args: argparse.Namespace, ref
                     check = "ok"
                 elif ref_path.exists():
                     ref = torch.load(ref_path)
-                    err = float((out - ref).abs().max())
-                    check = "ok" if err <= CHECK_ATOL else f"FAIL (max error {err:.2g})"
+                    err, bound = float((out - ref).abs().max()), CHECK_ATOL * max(1.0, float(ref.abs().max()))
+                    check = "ok" if err <= bound else f"FAIL (max error {err:.2g})"
                 else:
                     check = "unchecked"
                 peak = torch.tensor([float(C.status_bytes("VmHWM"))])
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slots", nargs="+", type=C.parse_size, default=[2**20, 2**22, 2**24])
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--modes", nargs="+", choices=("knn", "dense"), default=["knn", "dense"])
-    parser.add_argument("--phases", nargs="+", choices=("decode", "prefill"), default=["decode", "prefill"])
+    parser.add_argument("--phases", nargs="+", choices=("decode", "prefill", "train"), default=["decode", "prefill"])
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=256, help="queries (and local keys) of a prefill call")
     parser.add_argument("--local", type=int, default=256, help="local keys of a decode step")
@@ -196,7 +205,8 @@ def main(argv=None) -> int:
                       shard_bytes=row["shard_bytes"])  # fmt: skip
         stats = C.Stats.of(row["times"])
         common = dict(kernel=f"distributed.memory_attention[{row['mode']}]", provider=f"gloo x{row['ranks']}",
-                      mode="forward", x_name="slots", x_value=row["slots"], check=row["check"])  # fmt: skip
+                      mode="fwdbwd" if row["phase"] == "train" else "forward", x_name="slots",
+                      x_value=row["slots"], check=row["check"])  # fmt: skip
         csv_rows.append(C.csv_row(info, config, **common, metric=f"time_{row['phase']}", unit="ms",
                                   median=stats.median * 1e3, p20=stats.p20 * 1e3, p80=stats.p80 * 1e3,
                                   samples=stats.samples))  # fmt: skip
