@@ -429,3 +429,26 @@ def test_memory_file_metadata_round_trip_and_checks(tmp_path):
     (tmp_path / "m").write_bytes(bytes(blob))
     with pytest.raises(MemoryFileError, match="checksum"):
         MemoryStore.load(tmp_path / "m")
+
+
+def test_the_torchrun_example_runs(tmp_path):
+    """examples/sharded_memory.py under torchrun (2 gloo ranks, the standalone rendezvous on the
+    loopback address): the ranks' memory shares add up to the whole memory, rank 0 finds the same
+    tokens as one process with the whole memory, and each rank saved its share."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "sharded_memory.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(example),
+           "--tokens", "700", "--window", "64", "--new", "6", "--check", "--save", str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    held = [int(n) for n in re.findall(r"rank \d/2: holds (\d+) of the memory slots", out)]
+    whole = re.search(r"one process with the whole memory \((\d+) slots\): the same tokens", out)
+    assert len(held) == 2 and whole is not None, out[-5000:]
+    assert sum(held) == int(whole.group(1)) > 0 and abs(held[0] - held[1]) <= 1
+    assert (tmp_path / "rank0.mem").exists() and (tmp_path / "rank1.mem").exists()

@@ -3,7 +3,8 @@
 Offers the backend interface of ``fot_kernels.backends``: ``unsupported_reasons``, ``knn_topk``
 and ``memory_attention`` (differentiable: when autograd records the call, the fused forward and the
 fused backward kernels of ``_backward.py`` run through ``fot_kernels.autograd``), the op-shaped
-forward launcher ``flash_scan`` (on the fused attention kernel) and backward launchers
+forward launcher ``flash_scan`` (on the fused attention kernel), ``selected_attention`` (its kNN
+mode over slots chosen elsewhere, for ``fot_kernels.distributed``) and backward launchers
 ``flash_scan_backward`` / ``gather_attention_backward``, and ``kernels()``: those as a
 ``streaming.Kernels`` for compositions over stacked rows (``fot_kernels.crossbatch``). Serves CUDA
 tensors, and CPU tensors when ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests
