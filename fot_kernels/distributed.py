@@ -331,15 +331,14 @@ def _pick_kernels(call: _Call, query, key, value, mem_keys, mem_values, needs_gr
     call.kernels = streaming.TORCH_KERNELS if kernels is None else kernels(query, key, value, mem_keys, mem_values)
 
 
-def _selected_attention(call: _Call, query, mem_keys, mem_values, mem_lengths, mem_mask, scores, selection):
+def _selected_attention(call: _Call, query, mem_keys, mem_values, scores, selection):
     """This rank's partial attention over its slots that made the global top-k: ``selection``
     [B, Hkv, G * Lq, k] local slot indices (-1: another rank's or none), ``scores`` their scores
     -> (out, lse) in the layout of ``[B, Hq, Lq, (D)]``. Triton re-scores the selected slots in its
     fused attention kernel (as in its single-process kNN mode); the other backends run their
     ``gather_attention`` kernel (C++ on CPUs, CUDA, or PyTorch) on the given scores."""
     if call.impl.NAME == "triton":
-        return call.impl.selected_attention(query, mem_keys, mem_values, selection, softmax_scale=call.scale,
-                                            mem_lengths=mem_lengths, mem_mask=mem_mask)  # fmt: skip
+        return call.impl.selected_attention(query, mem_keys, mem_values, selection, softmax_scale=call.scale)
     return call.kernels.ops.gather_attention(scores, selection, mem_values, call.scale)
 
 
@@ -388,8 +387,7 @@ def _attention_forward(call: _Call, agreement: _Agreement, query, key, value, me
                 num_kv_heads = mem_keys.shape[1]
                 mine = _group_rows(local.masked_fill(~is_mine, -1), num_kv_heads).contiguous()
                 my_scores = _group_rows(scores.to(cd).masked_fill(~is_mine, float("-inf")), num_kv_heads)
-                out_r, lse_r = _selected_attention(call, query, mem_keys, mem_values, mem_lengths, mem_mask,
-                                                   my_scores, mine)  # fmt: skip
+                out_r, lse_r = _selected_attention(call, query, mem_keys, mem_values, my_scores, mine)
             except Exception as error:
                 exc = error
         if exc is None:

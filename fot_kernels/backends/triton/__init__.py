@@ -335,16 +335,16 @@ def _forward(
 
 
 def selected_attention(
-    query: Tensor, mem_keys: Tensor, mem_values: Tensor, selection: Tensor, *, softmax_scale: float,
-    mem_lengths: Tensor | None = None, mem_mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    query: Tensor, mem_keys: Tensor, mem_values: Tensor, selection: Tensor, *, softmax_scale: float
+) -> tuple[Tensor, Tensor]:
     """Softmax of each query over memory slots chosen elsewhere: ``selection`` int64
     [B, Hkv, G * Lq, k] in the stacked layout of the kNN selection (query head h = kv * G + g:
     rows g * Lq ...; -1 or a slot >= M: no slot) -> (out fp32 [B, Hq, Lq, D], lse fp32
     [B, Hq, Lq]). The kNN mode of the fused attention kernel with the selection given: scores
     recomputed exactly (fp32 products, as the kNN scan makes them), non-finite ones dropped, a row
-    left with no slot gets (0, -inf). ``fot_kernels.distributed`` runs it over the slots of a rank's
-    shard that made the global top-k."""
+    left with no slot gets (0, -inf). The selection is taken as given: slot validity (lengths,
+    masks) is the selecting side's concern, as for the kNN scan, which selects valid slots only.
+    ``fot_kernels.distributed`` runs it over the slots of a rank's shard that made the global top-k."""
     batch, num_q_heads, len_q, _ = query.shape
     want = (batch, mem_keys.shape[1], (num_q_heads // mem_keys.shape[1]) * len_q)
     if selection.dtype != torch.int64 or selection.dim() != 4 or tuple(selection.shape[:3]) != want:
@@ -353,7 +353,7 @@ def selected_attention(
     if mem_keys.shape[2] == 0 or selection.shape[-1] == 0:  # no slot to attend to
         out = query.new_zeros(query.shape, dtype=torch.float32)
         return out, out.new_full(query.shape[:3], float("-inf"))
-    out, lse, _ = _forward(query, None, None, mem_keys, mem_values, mem_lengths, mem_mask, topk=selection.shape[-1],
+    out, lse, _ = _forward(query, None, None, mem_keys, mem_values, None, None, topk=selection.shape[-1],
                            causal=False, softmax_scale=softmax_scale, selection=selection)  # fmt: skip
     return out, lse
 
